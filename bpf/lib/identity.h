@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Address -> identity, longest prefix wins.
+ *
+ * Default (DP_IDENTITY_HASH): one hash map holding every prefix, masked, with
+ * its length in the key, and a list of the lengths present per family,
+ * longest first. A lookup probes one exact-match hash per length present
+ * and stops at the first hit. Hosts (/32, /128) are probed first, so a known
+ * host costs one hash lookup; an unknown address costs one miss per distinct
+ * length. The LPM trie costs 5-6x a hash at 1M keys on these machines
+ * (docs/datapath.md has the measurement); DP_IDENTITY_LPM builds the trie
+ * variant for comparison.
+ */
+#ifndef DP_IDENTITY_H
+#define DP_IDENTITY_H
+
+#include "maps.h"
+#include "parse.h"
+
+#ifdef DP_IDENTITY_LPM
+
+static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr)
+{
+	struct dp_ip_key k = {};
+
+	k.family = family;
+	k.prefixlen = 32 + (family == DP_FAMILY_IPV4 ? 32 : 128);
+	k.addr[0] = addr[0];
+	if (family == DP_FAMILY_IPV6) {
+		k.addr[1] = addr[1];
+		k.addr[2] = addr[2];
+		k.addr[3] = addr[3];
+	}
+	struct dp_ip_val *v = dp_ipcache_v1.lookup(&k);
+	return v ? v->identity : DP_ID_WORLD;
+}
+
+#else /* DP_IDENTITY_HASH */
+
+/* IPv4 addresses have zero words 1-3 (struct dp_tuple), so one loop serves
+ * both families. */
+static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr)
+{
+	__u32 slot = family == DP_FAMILY_IPV6;
+	struct dp_plens *pl = dp_plens_v1.lookup(&slot);
+	if (!pl)
+		return DP_ID_WORLD;
+
+	struct dp_ip_key k = { .family = family };
+	__u32 n = pl->count;
+	for (int i = 0; i < DP_MAX_PLENS; i++) {
+		if (i >= n)
+			break;
+		k.prefixlen = pl->e[i].prefixlen;
+		k.addr[0] = addr[0] & pl->e[i].mask[0];
+		k.addr[1] = addr[1] & pl->e[i].mask[1];
+		k.addr[2] = addr[2] & pl->e[i].mask[2];
+		k.addr[3] = addr[3] & pl->e[i].mask[3];
+		struct dp_ip_val *v = dp_ipcache_v1.lookup(&k);
+		if (v)
+			return v->identity;
+	}
+	return DP_ID_WORLD;
+}
+
+#endif
+
+#endif /* DP_IDENTITY_H */
