@@ -99,7 +99,7 @@ def rows_for(attr: str, dp, limit: int | None = None) -> list[dict]:
                          "verdict": "drop" if int(reason) >= abi.REASON_FIRST_DROP else "pass",
                          "packets": pk, "bytes": by})
     elif attr == "stats":
-        for stat, value in dp.stats().items():
+        for stat, value in dp.stat_counters().items():
             rows.append({"stat": stat.name.lower(), "value": value})
     else:
         raise KeyError(attr)

@@ -172,7 +172,7 @@ def compile_module(spec: ProgramSpec, options: BuildOptions, bpf_dir: Path | Non
     text = translation_unit(bpf_dir / spec.source, [bpf_dir, bpf_dir / "include"])
     with captured_stderr() as err:
         try:
-            module = BPF(text=text, cflags=options.cflags())
+            module = BPF(text=text.encode(), cflags=options.cflags())
         except Exception:
             module = None
     if module is None:

@@ -508,11 +508,11 @@ class Datapath:
 
     # -- runtime configuration --
 
-    def config(self) -> abi.Config:
+    def read_config(self) -> abi.Config:
         return self.maps["config"].lookup(0)
 
     def set_config(self, *, audit_default: bool | None = None, allow_sample: int | None = None) -> abi.Config:
-        cfg = self.config()
+        cfg = self.read_config()
         if audit_default is not None:
             cfg.flags = (cfg.flags | abi.CFG_AUDIT_DEFAULT) if audit_default else (cfg.flags & ~abi.CFG_AUDIT_DEFAULT)
         if allow_sample is not None:
@@ -522,7 +522,7 @@ class Datapath:
 
     def bump_epoch(self) -> int:
         """Makes every conntrack entry stale: each flow's next packet is judged again."""
-        cfg = self.config()
+        cfg = self.read_config()
         cfg.epoch = (cfg.epoch + 1) & 0xFFFFFFFF
         self.maps["config"].update(0, cfg)
         return cfg.epoch
@@ -552,7 +552,7 @@ class Datapath:
                 out[k.value] = (pk, sum(c.bytes for c in per_cpu))
         return out
 
-    def stats(self) -> dict[abi.Stat, int]:
+    def stat_counters(self) -> dict[abi.Stat, int]:
         return {s: sum(v.value for v in self.maps["stats"].lookup(int(s))) for s in abi.Stat}
 
 
