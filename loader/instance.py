@@ -111,10 +111,28 @@ def check_bpffs(pin_root: str = PIN_ROOT) -> None:
     with open("/proc/self/mounts") as f:
         mounts = [line.split() for line in f]
     if not any(m[1] == pin_root and m[2] == "bpf" for m in mounts if len(m) > 2):
-        hint = ("inside `ip netns exec`? use --netns instead, which keeps the host's bpffs"
-                if os.path.exists("/proc/self/ns/net") and not os.path.isdir(pin_root) else
-                f"mount it with `mount -t bpf bpf {pin_root}` (make setup does)")
-        raise PinError(f"bpffs is not mounted at {pin_root}; {hint}")
+        raise PinError(f"bpffs is not mounted at {pin_root}; " + _bpffs_hint(pin_root))
+
+
+def _bpffs_hint(pin_root: str) -> str:
+    if _current_named_netns():
+        # `ip netns exec` remounts /sys, hiding the host's bpffs; a new bpffs
+        # mounted here would not share pins with the host.
+        return (f"running inside `ip netns exec {_current_named_netns()}`? run on the host and pass "
+                f"--netns {_current_named_netns()} instead")
+    return f"mount it with `mount -t bpf bpf {pin_root}` (make setup does)"
+
+
+def _current_named_netns() -> str | None:
+    try:
+        own = os.stat("/proc/self/ns/net")
+        for name in os.listdir("/run/netns"):
+            st = os.stat(os.path.join("/run/netns", name))
+            if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                return name
+    except OSError:
+        pass
+    return None
 
 
 def source_hash(bpf_dir: Path, options: bpfcompile.BuildOptions) -> str:
