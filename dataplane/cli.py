@@ -52,12 +52,12 @@ def cmd_bpf_load(args) -> int:
 
 
 def cmd_bpf_attach(args) -> int:
-    from loader.instance import Datapath
+    from loader.attach import ifindex_of
+    from loader.instance import Datapath, check_privileges
 
+    check_privileges()
     dp = Datapath(args.instance)
     # An unknown interface must not leave a freshly loaded instance behind.
-    from loader.attach import ifindex_of
-
     ifindex_of(args.interface, args.netns)
     fresh = not dp.is_loaded()
     dp.load(_build_options(args, dp.pin_dir), bpf_dir=args.bpf_dir)
