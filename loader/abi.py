@@ -195,7 +195,7 @@ class FragKey(_Struct):
 
 class FragVal(_Struct):
     _fields_ = [("created_ns", u64), ("rule_id", u32), ("local_id", u32), ("remote_id", u32),
-                ("sport", u16), ("dport", u16), ("verdict", u8), ("pad", u8 * 7)]
+                ("sport", u16), ("dport", u16), ("verdict", u8), ("proto", u8), ("pad", u8 * 6)]
 
 
 class Config(_Struct):

@@ -37,7 +37,10 @@ class Map:
         if value_type is not None and info.value_size != ctypes.sizeof(value_type):
             raise MapError(f"map {self.name}: value is {info.value_size} bytes, expected "
                            f"{ctypes.sizeof(value_type)} ({value_type.__name__})")
+        # Per-CPU values are laid out one per CPU, each rounded up to 8 bytes;
+        # batch reads of other maps pack values at their exact size.
         self._stride = _round8(info.value_size)
+        self._batch_stride = self._stride * self.ncpus if self.percpu else info.value_size
 
     @classmethod
     def open_pinned(cls, path: str, key_type, value_type, name: str = "") -> "Map":
@@ -149,11 +152,11 @@ class Map:
     def _items_batch(self, batch: int):
         lb = libbpf.lib()
         ksize = ctypes.sizeof(self.key_type)
+        vsize = ctypes.sizeof(self.value_type)
         keys = ctypes.create_string_buffer(ksize * batch)
-        values = ctypes.create_string_buffer(self._stride * self.ncpus * batch)
+        values = ctypes.create_string_buffer(self._batch_stride * batch)
         in_batch = None
         out_batch = ctypes.create_string_buffer(max(ksize, 8))
-        vsize = ctypes.sizeof(self.value_type)
         while True:
             count = ctypes.c_uint32(batch)
             ret = lb.bpf_map_lookup_batch(self.fd, in_batch, out_batch, keys, values,
@@ -161,18 +164,18 @@ class Map:
             err = 0
             if ret < 0:
                 err = -ret if ret != -1 else ctypes.get_errno()
-                if err not in (errno.ENOENT,):
-                    if count.value == 0:
-                        raise MapError(f"map {self.name}: batch lookup failed: {os.strerror(err)}")
+                if err != errno.ENOENT and count.value == 0:
+                    raise MapError(f"map {self.name}: batch lookup failed: {os.strerror(err)}")
+            raw_keys, raw_values = keys.raw, values.raw
             for i in range(count.value):
-                k = self.key_type.from_buffer_copy(keys.raw[i * ksize:(i + 1) * ksize])
+                k = self.key_type.from_buffer_copy(raw_keys[i * ksize:(i + 1) * ksize])
+                base = i * self._batch_stride
                 if self.percpu:
-                    base = i * self._stride * self.ncpus
                     v = [self.value_type.from_buffer_copy(
-                        values.raw[base + c * self._stride: base + c * self._stride + vsize])
+                        raw_values[base + c * self._stride: base + c * self._stride + vsize])
                         for c in range(self.ncpus)]
                 else:
-                    v = self.value_type.from_buffer_copy(values.raw[i * self._stride: i * self._stride + vsize])
+                    v = self.value_type.from_buffer_copy(raw_values[base: base + vsize])
                 yield k, v
             if err == errno.ENOENT:
                 return
@@ -187,7 +190,7 @@ class Map:
         lb = libbpf.lib()
         batch = 8192
         keys = ctypes.create_string_buffer(ctypes.sizeof(self.key_type) * batch)
-        values = ctypes.create_string_buffer(self._stride * self.ncpus * batch)
+        values = ctypes.create_string_buffer(self._batch_stride * batch)
         token = ctypes.create_string_buffer(max(ctypes.sizeof(self.key_type), 8))
         in_batch, total = None, 0
         while True:

@@ -213,7 +213,8 @@ struct dp_frag_key {
 	__be32 saddr[4];
 	__be32 daddr[4];
 	__u32 id;		/* IPv4 id (16 bits) or IPv6 fragment identification */
-	__u8 proto;
+	__u8 proto;		/* IPv4 protocol; 0 for IPv6, whose id is unique per address pair
+				 * and whose later fragments may name an extension header */
 	__u8 family;
 	__u8 pad[2];
 };
@@ -227,7 +228,8 @@ struct dp_frag_val {
 	__be16 sport;
 	__be16 dport;
 	__u8 verdict;
-	__u8 pad[7];
+	__u8 proto;		/* transport protocol of the datagram */
+	__u8 pad[6];
 };
 
 /* Runtime configuration, one entry. Written by the loader, read by hooks. */

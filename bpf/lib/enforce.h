@@ -41,7 +41,7 @@ static __always_inline void dp_frag_key_of(const struct dp_pkt *p, struct dp_fra
 	__builtin_memcpy(fk->saddr, p->t.saddr, 16);
 	__builtin_memcpy(fk->daddr, p->t.daddr, 16);
 	fk->id = p->frag_id;
-	fk->proto = p->t.proto;
+	fk->proto = p->t.family == DP_FAMILY_IPV4 ? p->t.proto : 0;
 	fk->family = p->t.family;
 }
 
@@ -59,6 +59,7 @@ static __always_inline void dp_follow_fragment(struct dp_pkt *p, __u64 now, stru
 	}
 	p->t.sport = fv->sport;
 	p->t.dport = fv->dport;
+	p->t.proto = fv->proto;
 	res->rule_id = fv->rule_id;
 	res->local_id = fv->local_id;
 	res->remote_id = fv->remote_id;
@@ -79,6 +80,7 @@ static __always_inline void dp_track_fragment(const struct dp_pkt *p, __u64 now,
 	fv.remote_id = res->remote_id;
 	fv.sport = p->t.sport;
 	fv.dport = p->t.dport;
+	fv.proto = p->t.proto;
 	fv.verdict = res->reason < DP_REASON_FIRST_DROP ? res->verdict : DP_VERDICT_DENY;
 	if (dp_frag_v1.update(&fk, &fv) == 0)
 		dp_stat_inc(DP_STAT_FRAG_TRACKED);
@@ -146,10 +148,13 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 		dp_stat_inc(DP_STAT_CT_EXPIRED);
 		ct = NULL;
 	}
+	int from_initiator = ct && src_is_a == !!(ct->flags & DP_CT_INIT_IS_A);
+	/* An echo request from the responder (or a reply from the initiator) is
+	 * not part of the tracked exchange: it starts a flow of its own. */
+	if (ct && p->echo && from_initiator != (p->echo == DP_ECHO_REQUEST))
+		ct = NULL;
 
 	if (ct && ct->epoch == cfg->epoch) {
-		int from_initiator = src_is_a == !!(ct->flags & DP_CT_INIT_IS_A);
-
 		res->rule_id = ct->rule_id;
 		res->local_id = ct->local_id;
 		res->remote_id = ct->remote_id;

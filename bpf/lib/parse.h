@@ -58,6 +58,12 @@ enum dp_frag_kind {
 	DP_FRAG_LATER = 2,	/* offset > 0: no L4 header, follows the first's verdict */
 };
 
+enum dp_echo_kind {
+	DP_ECHO_NONE = 0,
+	DP_ECHO_REQUEST = 1,
+	DP_ECHO_REPLY = 2,
+};
+
 /* A flow as policy sees it: the five-tuple and the address family. */
 struct dp_tuple {
 	__be32 saddr[4];
@@ -79,6 +85,9 @@ struct dp_pkt {
 	__u8 frag;		/* enum dp_frag_kind */
 	__u8 icmp_error;
 	__u8 parse_reason;	/* enum dp_reason: NONE for an IP flow to judge */
+	__u8 echo;		/* enum dp_echo_kind */
+	__u8 pad;
+	__u16 l4_off;		/* offset of the transport header from the frame start */
 };
 
 struct dp_cursor {
@@ -148,6 +157,64 @@ static __always_inline int dp_is_icmp_echo(__u8 family, __u8 type)
 	return type == ICMPV6_ECHO_REQUEST || type == ICMPV6_ECHO_REPLY;
 }
 
+static __always_inline int dp_is_ipv6_ext(__u8 nh)
+{
+	return nh == DP_IPPROTO_HOPOPTS || nh == DP_IPPROTO_ROUTING ||
+	       nh == DP_IPPROTO_FRAGMENT || nh == DP_IPPROTO_AH || nh == DP_IPPROTO_DSTOPTS;
+}
+
+/* Walks the extension headers starting at c->pos, at most DP_IPV6_MAX_EXT
+ * of them and DP_IPV6_EXT_MAX_BYTES in all. *nh holds the first next-header
+ * value on entry and the transport protocol on return, with c->pos at the
+ * transport header. A Fragment header sets *frag and *frag_id; a later
+ * fragment ends the walk there (*nh is then the Fragment header's next
+ * header, c->pos is not moved). */
+static __always_inline int dp_walk_ipv6_ext(struct dp_cursor *c, __u8 *nh, __u8 *frag, __u32 *frag_id)
+{
+	void *start = c->pos;
+	__u32 off = 0;
+	__u8 next = *nh;
+
+#pragma unroll
+	for (int i = 0; i < DP_IPV6_MAX_EXT; i++) {
+		if (!dp_is_ipv6_ext(next))
+			break;
+		__u8 *h = start + off;
+		if ((void *)(h + 8) > c->end)
+			return DP_DROP_IPV6_EXT_TRUNCATED;
+		__u32 len;
+		if (next == DP_IPPROTO_FRAGMENT) {
+			struct dp_ipv6_frag_hdr *fh = (void *)h;
+			__u16 fo = dp_ntohs(fh->frag_off);
+			*frag_id = dp_ntohl(fh->id);
+			if (fo & 0xfff8) {
+				*nh = fh->nexthdr;
+				*frag = DP_FRAG_LATER;
+				return DP_REASON_NONE;
+			}
+			if (fo & 1)
+				*frag = DP_FRAG_FIRST;
+			len = 8;
+		} else if (next == DP_IPPROTO_AH) {
+			len = ((__u32)h[1] + 2) * 4;
+		} else {
+			len = ((__u32)h[1] + 1) * 8;
+		}
+		next = h[0];
+		off += len;
+		if (off > DP_IPV6_EXT_MAX_BYTES)
+			return DP_DROP_IPV6_EXT_TRUNCATED;
+	}
+	if (dp_is_ipv6_ext(next))
+		return DP_DROP_IPV6_EXT_LIMIT;
+
+	c->pos = start + off;
+	if (c->pos > c->end)
+		return DP_DROP_IPV6_EXT_TRUNCATED;
+	*nh = next;
+	return DP_REASON_NONE;
+}
+
 /* The transport header the quoted packet of an ICMP error starts with:
  * ports (TCP/UDP, first 4 bytes) or the echo identifier. */
 static __always_inline int dp_parse_quoted_l4(struct dp_cursor *c, struct dp_pkt *p)
@@ -202,8 +269,14 @@ static __always_inline int dp_parse_icmp_quote(struct dp_cursor *c, struct dp_pk
 			return DP_DROP_ICMP_TRUNCATED;
 		__builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
-		p->t.proto = ip6->nexthdr;
+		__u8 nh = ip6->nexthdr, quoted_frag = DP_FRAG_NONE;
+		__u32 quoted_id = 0;
 		c->pos = ip6 + 1;
+		if (dp_walk_ipv6_ext(c, &nh, &quoted_frag, &quoted_id) != DP_REASON_NONE)
+			return DP_DROP_ICMP_TRUNCATED;
+		p->t.proto = nh;
+		if (quoted_frag == DP_FRAG_LATER)
+			return DP_REASON_NONE;
 	}
 	return dp_parse_quoted_l4(c, p);
 }
@@ -244,6 +317,8 @@ static __always_inline int dp_parse_l4(struct dp_cursor *c, struct dp_pkt *p)
 		if (dp_is_icmp_echo(p->t.family, ih->type)) {
 			p->t.sport = ih->id;
 			p->t.dport = ih->id;
+			p->echo = (ih->type == ICMP_ECHO || ih->type == ICMPV6_ECHO_REQUEST) ?
+				  DP_ECHO_REQUEST : DP_ECHO_REPLY;
 			return DP_REASON_NONE;
 		}
 		if (dp_is_icmp_error(p->t.family, ih->type)) {
@@ -292,13 +367,7 @@ static __always_inline int dp_parse_ipv4(struct dp_cursor *c, __u32 l3_len, stru
 		p->frag_id = dp_ntohs(ip->id);
 	}
 	c->pos += ihl;
-	return dp_parse_l4(c, p);
-}
-
-static __always_inline int dp_is_ipv6_ext(__u8 nh)
-{
-	return nh == DP_IPPROTO_HOPOPTS || nh == DP_IPPROTO_ROUTING ||
-	       nh == DP_IPPROTO_FRAGMENT || nh == DP_IPPROTO_AH || nh == DP_IPPROTO_DSTOPTS;
+	return DP_REASON_NONE;
 }
 
 /* IPv6 with a walk of at most DP_IPV6_MAX_EXT extension headers. */
@@ -319,49 +388,18 @@ static __always_inline int dp_parse_ipv6(struct dp_cursor *c, __u32 l3_len, stru
 	__builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
 
-	void *ext_start = ip6 + 1;
-	__u32 off = 0;
 	__u8 nh = ip6->nexthdr;
-
-#pragma unroll
-	for (int i = 0; i < DP_IPV6_MAX_EXT; i++) {
-		if (!dp_is_ipv6_ext(nh))
-			break;
-		__u8 *h = ext_start + off;
-		if ((void *)(h + 8) > c->end)
-			return DP_DROP_IPV6_EXT_TRUNCATED;
-		__u32 len;
-		if (nh == DP_IPPROTO_FRAGMENT) {
-			struct dp_ipv6_frag_hdr *fh = (void *)h;
-			__u16 fo = dp_ntohs(fh->frag_off);
-			p->frag_id = dp_ntohl(fh->id);
-			if (fo & 0xfff8) {
-				p->t.proto = fh->nexthdr;
-				p->frag = DP_FRAG_LATER;
-				return DP_REASON_NONE;
-			}
-			if (fo & 1)
-				p->frag = DP_FRAG_FIRST;
-			len = 8;
-		} else if (nh == DP_IPPROTO_AH) {
-			len = ((__u32)h[1] + 2) * 4;
-		} else {
-			len = ((__u32)h[1] + 1) * 8;
-		}
-		nh = h[0];
-		off += len;
-		if (off > DP_IPV6_EXT_MAX_BYTES)
-			return DP_DROP_IPV6_EXT_TRUNCATED;
-	}
-	if (dp_is_ipv6_ext(nh))
-		return DP_DROP_IPV6_EXT_LIMIT;
-
-	c->pos = ext_start + off;
-	if (c->pos > c->end)
-		return DP_DROP_IPV6_EXT_TRUNCATED;
+	c->pos = ip6 + 1;
+	int r = dp_walk_ipv6_ext(c, &nh, &p->frag, &p->frag_id);
+	if (r != DP_REASON_NONE)
+		return r;
 	p->t.proto = nh;
-	return dp_parse_l4(c, p);
+	return DP_REASON_NONE;
 }
+
+/* Largest transport-header offset the parser can produce: Ethernet, two
+ * VLAN tags, and an IPv6 header with the longest extension chain walked. */
+#define DP_MAX_L4_OFF (14 + 8 + 40 + DP_IPV6_EXT_MAX_BYTES + 8)
 
 /* Whole packet. Returns DP_REASON_NONE when p holds an IP flow to judge,
  * otherwise the pass or drop reason that decides the packet by itself. */
@@ -379,12 +417,26 @@ static __always_inline int dp_parse(void *data, void *data_end, __u32 pkt_len, s
 	__u32 l3_len = pkt_len > l2_len ? pkt_len - l2_len : 0;
 
 	if (proto == DP_ETH_P_IP)
-		return dp_parse_ipv4(&c, l3_len, p);
-	if (proto == DP_ETH_P_IPV6)
-		return dp_parse_ipv6(&c, l3_len, p);
-	if (proto == DP_ETH_P_ARP)
+		r = dp_parse_ipv4(&c, l3_len, p);
+	else if (proto == DP_ETH_P_IPV6)
+		r = dp_parse_ipv6(&c, l3_len, p);
+	else if (proto == DP_ETH_P_ARP)
 		return DP_PASS_ARP;
-	return DP_ALLOW_NON_IP ? DP_PASS_NON_IP : DP_DROP_NON_IP;
+	else
+		return DP_ALLOW_NON_IP ? DP_PASS_NON_IP : DP_DROP_NON_IP;
+	if (r != DP_REASON_NONE || p->frag == DP_FRAG_LATER)
+		return r;
+
+	/* Every IPv4 and IPv6 header shape ends here with its own cursor range,
+	 * and the verifier would check the transport parser once per shape. The
+	 * offset goes through the scratch map value and comes back as one
+	 * unknown, bounded again, so the transport parser is checked once. */
+	p->l4_off = c.pos - data;
+	__u32 off = *(volatile __u16 *)&p->l4_off;
+	if (off > DP_MAX_L4_OFF)
+		return DP_DROP_L3_TRUNCATED;
+	c.pos = data + off;
+	return dp_parse_l4(&c, p);
 }
 
 #endif /* DP_PARSE_H */
