@@ -16,7 +16,7 @@ import socket
 import subprocess
 
 from loader import libbpf
-from loader.errors import DataplaneError, ForeignProgramError, InterfaceError
+from loader.errors import ForeignProgramError, InterfaceError
 from loader.netns import in_netns
 
 log = logging.getLogger("dataplane.loader")

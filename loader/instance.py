@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from loader import abi, attach, compile as bpfcompile, libbpf
-from loader.errors import (CompileError, DataplaneError, InterfaceError, MapError, PinError,
+from loader.errors import (DataplaneError, InterfaceError, PinError,
                            PrivilegeError)
 from loader.maps import Map
 

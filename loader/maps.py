@@ -210,7 +210,6 @@ class Map:
         """Writes all pairs; returns how many. Stops at the first failure
         with MapError naming the map (entries before it stay written)."""
         lb = libbpf.lib()
-        ksize = ctypes.sizeof(self.key_type)
         vsize = self._stride * self.ncpus if self.percpu else ctypes.sizeof(self.value_type)
         opts = libbpf.BpfMapBatchOpts(sz=ctypes.sizeof(libbpf.BpfMapBatchOpts), elem_flags=flags, flags=0)
         total = 0

@@ -60,3 +60,15 @@ def run(dp: Datapath, hook: str, frame: bytes) -> bool:
         return r.retval == XDP_PASS
     assert r.retval in (TC_UNSPEC, TC_SHOT), f"unexpected TC return {r.retval}"
     return r.retval == TC_UNSPEC
+
+
+@pytest.fixture
+def tap(dp):
+    """Reads the verdict events the test's packets emit."""
+    from tests.bpf.packets import EventTap
+
+    t = EventTap(dp)
+    try:
+        yield t
+    finally:
+        t.close()

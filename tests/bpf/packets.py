@@ -14,7 +14,6 @@ import ipaddress
 import struct
 import warnings
 
-import pytest
 
 from loader import abi, events, tables
 from tests.bpf.conftest import run
@@ -239,15 +238,6 @@ class EventTap:
 
     def close(self) -> None:
         self._reader.close()
-
-
-@pytest.fixture
-def tap(dp):
-    t = EventTap(dp)
-    try:
-        yield t
-    finally:
-        t.close()
 
 
 def allow_both_ways(local_id: int, remote_id: int, proto: int, lo: int, hi: int, rule_id: int,

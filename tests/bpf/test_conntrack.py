@@ -16,7 +16,6 @@ import pytest
 from loader import abi, tables
 from tests.bpf.packets import (ICMP_OF, INGRESS_HOOKS, LOCAL, LOCAL_ID, REMOTE, REMOTE_ID, TCP_P, UDP_P,
                                echo_frame, endpoint_identities, expect, tcp_frame, udp_frame)
-from tests.bpf.packets import tap  # noqa: F401  (fixture)
 
 R = abi.Reason
 V = abi.Verdict

@@ -20,7 +20,6 @@ from loader import abi, tables
 from loader.model import Model
 from tests.bpf.packets import (DIRECTION, GRE_P, HOOK_ID, HOOKS, ICMP_OF, TCP_P, UDP_P, echo_frame, frame,
                                send, tcp_frame, udp_frame)
-from tests.bpf.packets import tap  # noqa: F401  (fixture)
 
 SEED = int(os.environ.get("DP_MODEL_SEED", "731975"))
 ROUNDS = 6

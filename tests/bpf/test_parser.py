@@ -22,7 +22,6 @@ from tests.bpf.packets import (AH, DSTOPTS, ECHO_REQUEST, ETH_P_8021AD, ETH_P_80
                                TCP_P, UDP_P, allow_both_ways, arp_frame, counts_delta, echo, echo_frame,
                                endpoint_identities, eth, expect, ext, frame, icmp, icmp_error_frame, ip,
                                rule_counts, tcp, tcp_frame, udp, udp_frame)
-from tests.bpf.packets import tap  # noqa: F401  (fixture)
 
 R = abi.Reason
 RULE_TCP, RULE_UDP, RULE_ECHO, RULE_ECHO6, RULE_GRE = 10, 11, 12, 13, 14

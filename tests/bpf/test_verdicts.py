@@ -19,7 +19,6 @@ from loader import abi, tables
 from tests.bpf.packets import (DIRECTION, ETH_P_8021Q, GRE_P, HOOK_ID, HOOKS, ICMP_OF, LOCAL, LOCAL_ID, REMOTE,
                                REMOTE_ID, TCP_P, UDP_P, UNKNOWN, arp_frame, echo_frame, endpoint_identities, eth,
                                expect, frame, icmp, send, tcp, tcp_frame, udp_frame)
-from tests.bpf.packets import tap  # noqa: F401  (fixture)
 
 R = abi.Reason
 V = abi.Verdict
