@@ -24,7 +24,7 @@ static __always_inline void dp_bench_randomize(struct dp_pkt *p)
 		return;
 	p->t.saddr[0] = dp_htonl(DP_BENCH_BASE + (r & (DP_BENCH_KEYS - 1)));
 #ifdef DP_BENCH_RANDOM_SPORT
-	p->t.sport = (__be16)(bpf_get_prandom_u32() | 1024);
+	p->t.sport = dp_htons(1024 + bpf_get_prandom_u32() % (65536 - 1024));
 #endif
 }
 
