@@ -17,6 +17,7 @@ import sys
 import time
 
 from dataplane.lab import Lab, wait_for
+from dataplane import render
 from dataplane.render import print_rows, rows_for
 from loader import abi, tables
 from loader.instance import Datapath
@@ -112,6 +113,22 @@ def revoke_demo(lab: Lab, dp: Datapath, client: str) -> tuple[bool, float | None
     return True, cut_after
 
 
+def recent_events(dp: Datapath, keep: int = 14) -> list[dict]:
+    from loader.events import EventReader
+
+    seen = []
+    with EventReader(dp.events.fd, seen.append) as reader:
+        reader.drain()
+    rows = []
+    for e in seen[-keep:]:
+        port = f"{render.proto_name(e.proto)}/{e.dport}"
+        rows.append({"src": str(e.src), "dst": str(e.dst), "service": port,
+                     "direction": e.direction.name.lower(), "verdict": e.verdict.name.lower(),
+                     "reason": e.reason.label if hasattr(e.reason, "label") else e.reason,
+                     "rule": e.rule_id, "remote": NAMES.get(e.remote_id, e.remote_id)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ingress", choices=["xdp", "tc"], default="xdp")
@@ -166,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"   {'ok  ' if ok else 'FAIL'} frontend's live tcp/8080 stream stopped {shown} after its "
                 f"identity was revoked")
 
+            say("\n== verdict events (ring buffer: every drop and audit, sampled allows)")
+            print_rows(recent_events(dp), "table")
             say("\n== verdicts per rule")
             rows = [{"rule": r["rule"], "meaning": RULES.get(r["rule"], "default deny"), "packets": r["packets"],
                      "bytes": r["bytes"]} for r in rows_for("rules", dp)]
