@@ -27,14 +27,13 @@ def _datapath(args, adopt: bool = True):
 
 
 def _build_options(args, pin_dir: str):
+    """BuildOptions from the flags given, or None to keep the instance's own
+    (or the defaults for a new one)."""
     from loader.compile import BuildOptions
 
-    kw = {"pin_dir": pin_dir, "identity": args.identity}
-    for name in ("ipcache_max", "policy_max", "ct_max", "rules_max"):
-        value = getattr(args, name, None)
-        if value is not None:
-            kw[name] = value
-    return BuildOptions(**kw)
+    kw = {name: getattr(args, name) for name in ("identity", "ipcache_max", "policy_max", "ct_max", "rules_max")
+          if getattr(args, name, None) is not None}
+    return BuildOptions(pin_dir=pin_dir, **kw) if kw else None
 
 
 # --- bpf ---------------------------------------------------------------------
@@ -204,7 +203,7 @@ def _output(p):
 
 
 def _load_options(p):
-    p.add_argument("--identity", choices=["hash", "lpm"], default="hash",
+    p.add_argument("--identity", choices=["hash", "lpm"],
                    help="identity lookup structure (default: hash per prefix length)")
     p.add_argument("--ipcache-max", dest="ipcache_max", type=int, help="ipcache capacity")
     p.add_argument("--policy-max", dest="policy_max", type=int, help="policy map capacity")

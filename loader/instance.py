@@ -263,7 +263,11 @@ class Datapath:
         check_privileges()
         check_bpffs(self.pin_root)
         bpf_dir = Path(bpf_dir or bpfcompile.BPF_DIR)
-        options = options or bpfcompile.BuildOptions(pin_dir=self.pin_dir)
+        if options is None:
+            # Keep what the instance was loaded with; defaults for a new one.
+            recorded = self._read_state().get("options") if self.is_loaded() else None
+            options = (bpfcompile.BuildOptions(**_options_from_json(recorded)) if recorded
+                       else bpfcompile.BuildOptions(pin_dir=self.pin_dir))
         if options.pin_dir != self.pin_dir:
             options = dataclasses.replace(options, pin_dir=self.pin_dir)
         digest = source_hash(bpf_dir, options)
