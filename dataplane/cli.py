@@ -12,7 +12,7 @@ import sys
 
 from loader.errors import DataplaneError, PrivilegeError
 
-MAP_NAMES = ["ipcache", "plens", "policy", "ranges", "ct", "frag", "config", "rules", "reasons", "stats"]
+MAP_NAMES = ["ipcache", "plens", "gen", "policy", "ranges", "ct", "frag", "config", "rules", "reasons", "stats"]
 DEFAULT_INSTANCE = os.environ.get("DATAPLANE_INSTANCE", "default")
 
 
@@ -161,17 +161,24 @@ def _parse_prefix(text: str):
         raise DataplaneError(f"bad address or prefix {text!r}: {e}") from None
 
 
-def cmd_bpf_ipcache_set(args) -> int:
+def _edit_ipcache(dp, edit) -> None:
+    """Applies edit(dict) to both generations, the live one first: one
+    prefix changes, which a single map update does atomically."""
     from loader import tables
 
+    live = tables.active_generation(dp)
+    for gen in (live, 1 - live):
+        current = tables.read_identities(dp, gen)
+        tables.sync_identities(dp, edit(dict(current)), current, gen=gen)
+
+
+def cmd_bpf_ipcache_set(args) -> int:
     dp = _datapath(args)
-    current = tables.read_identities(dp)
-    wanted = dict(current)
-    wanted[_parse_prefix(args.prefix)] = args.identity
-    tables.sync_identities(dp, wanted, current)
+    net = _parse_prefix(args.prefix)
+    _edit_ipcache(dp, lambda ids: {**ids, net: args.identity})
     if args.revoke:
         dp.bump_epoch()
-    print(f"{args.prefix} -> identity {args.identity}")
+    print(f"{net} -> identity {args.identity}")
     return 0
 
 
@@ -179,12 +186,10 @@ def cmd_bpf_ipcache_delete(args) -> int:
     from loader import tables
 
     dp = _datapath(args)
-    current = tables.read_identities(dp)
     net = _parse_prefix(args.prefix)
-    if net not in current:
+    if net not in tables.read_identities(dp):
         raise DataplaneError(f"{net} is not in the ipcache")
-    wanted = {n: i for n, i in current.items() if n != net}
-    tables.sync_identities(dp, wanted, current)
+    _edit_ipcache(dp, lambda ids: {n: i for n, i in ids.items() if n != net})
     epoch = dp.bump_epoch()
     print(f"deleted {net}; epoch {epoch}: established flows are judged again")
     return 0

@@ -99,8 +99,7 @@ def revoke_demo(lab: Lab, dp: Datapath, client: str) -> tuple[bool, float | None
         if line and line[0] == "echo":
             last_echo = float(line[2])
     wanted = {n: i for n, i in IDENTITIES.items() if n != "10.77.0.2/32"}
-    tables.sync_identities(dp, wanted)   # 10.77.0.2 now falls to lab-net: no rule
-    dp.bump_epoch()                      # established flows are judged again
+    tables.apply_state(dp, wanted, POLICY)   # 10.77.0.2 now falls to lab-net: no rule
     revoked_at = time.monotonic()
     for raw in proc.stdout:
         line = raw.decode().split()
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"ingress {ingress}, egress tc")
 
             say("== identities and policy (built in)")
-            tables.sync_identities(dp, IDENTITIES)
-            tables.sync_policy(dp, POLICY)
+            tables.apply_state(dp, IDENTITIES, POLICY)
             dp.set_config(allow_sample=1)
             for net, ident in IDENTITIES.items():
                 say(f"   {net:<16} -> {ident} ({NAMES[ident]})")

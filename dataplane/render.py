@@ -26,25 +26,35 @@ def _monotonic_ns() -> int:
 
 def rows_for(attr: str, dp, limit: int | None = None) -> list[dict]:
     """Decoded entries of one map (by Datapath attribute name)."""
+    from loader import tables
+
     m = dp.maps[attr]
     lpm = attr == "ipcache" and m.map_type == 11
+    live = tables.active_generation(dp)
     rows: list[dict] = []
 
     def done():
         return limit is not None and len(rows) >= limit
 
+    # Tables with two generations show the live one: what packets are judged by.
     if attr == "ipcache":
         for k, v in m.items():
+            if k.gen != live:
+                continue
             rows.append({"prefix": str(abi.ip_key_network(k, lpm)), "identity": v.identity})
             if done():
                 break
         rows.sort(key=lambda r: r["prefix"])
     elif attr == "plens":
         for k, v in m.items():
-            rows.append({"family": "ipv4" if k.value == 0 else "ipv6",
+            if k.value // 2 != live:
+                continue
+            rows.append({"family": "ipv4" if k.value % 2 == 0 else "ipv6",
                          "prefix_lengths": [v.e[i].prefixlen for i in range(v.count)]})
     elif attr == "policy":
         for k, v in m.items():
+            if k.gen != live:
+                continue
             row = {"local": k.local_id, "remote": k.remote_id or "any",
                    "direction": abi.Direction(k.dir).name.lower(), "proto": proto_name(k.proto),
                    "port": k.dport or "any", "action": abi.Verdict(v.action).name.lower(),
@@ -86,9 +96,11 @@ def rows_for(attr: str, dp, limit: int | None = None) -> list[dict]:
                          "rule": v.rule_id})
             if done():
                 break
+    elif attr == "gen":
+        rows.append({"live_generation": live})
     elif attr == "config":
         c = m.lookup(0)
-        rows.append({"epoch": c.epoch, "audit_default": bool(c.flags & abi.CFG_AUDIT_DEFAULT),
+        rows.append({"generation": live, "epoch": c.epoch, "audit_default": bool(c.flags & abi.CFG_AUDIT_DEFAULT),
                      "allow_sample": c.allow_sample})
     elif attr == "rules":
         for rule, (pk, by) in sorted(dp.rule_counters().items()):

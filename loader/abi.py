@@ -147,7 +147,7 @@ class _Struct(ctypes.Structure):
 
 
 class IpKey(_Struct):
-    _fields_ = [("prefixlen", u32), ("family", u8), ("pad", u8 * 3), ("addr", Addr)]
+    _fields_ = [("prefixlen", u32), ("family", u8), ("gen", u8), ("pad", u8 * 2), ("addr", Addr)]
 
 
 class IpVal(_Struct):
@@ -163,7 +163,8 @@ class Plens(_Struct):
 
 
 class PolicyKey(_Struct):
-    _fields_ = [("local_id", u32), ("remote_id", u32), ("dport", u16), ("proto", u8), ("dir", u8)]
+    _fields_ = [("local_id", u32), ("remote_id", u32), ("dport", u16), ("proto", u8), ("dir", u8),
+                ("gen", u8), ("pad", u8 * 3)]
 
 
 class PolicyVal(_Struct):
@@ -198,6 +199,10 @@ class FragVal(_Struct):
                 ("sport", u16), ("dport", u16), ("verdict", u8), ("proto", u8), ("pad", u8 * 6)]
 
 
+class Gen(_Struct):
+    _fields_ = [("active", u32), ("pad", u32)]
+
+
 class Config(_Struct):
     _fields_ = [("epoch", u32), ("flags", u32), ("allow_sample", u32), ("pad", u32)]
 
@@ -218,7 +223,7 @@ C_STRUCTS = {
     "dp_ip_key": IpKey, "dp_ip_val": IpVal, "dp_plen": Plen, "dp_plens": Plens,
     "dp_policy_key": PolicyKey, "dp_policy_val": PolicyVal, "dp_port_range": PortRange,
     "dp_range_set": RangeSet, "dp_ct_key": CtKey, "dp_ct_val": CtVal, "dp_frag_key": FragKey,
-    "dp_frag_val": FragVal, "dp_config": Config, "dp_counter": Counter, "dp_event": Event,
+    "dp_frag_val": FragVal, "dp_gen": Gen, "dp_config": Config, "dp_counter": Counter, "dp_event": Event,
 }
 
 
@@ -256,11 +261,12 @@ def mask_words(family: int, prefixlen: int) -> Addr:
     return Addr.from_buffer_copy(mask.to_bytes(bits // 8, "big").ljust(16, b"\0"))
 
 
-def ip_key(net: IpNetwork, lpm: bool = False) -> IpKey:
-    """Key of a prefix: hash mode stores the prefix length, LPM mode adds the
-    32 bits of family and padding that precede the address."""
+def ip_key(net: IpNetwork, lpm: bool = False, gen: int = 0) -> IpKey:
+    """Key of a prefix in one generation: hash mode stores the prefix length,
+    LPM mode adds the 32 bits of family, generation and padding that precede
+    the address."""
     family = family_of(net)
-    return IpKey(prefixlen=net.prefixlen + (32 if lpm else 0), family=family,
+    return IpKey(prefixlen=net.prefixlen + (32 if lpm else 0), family=family, gen=gen,
                  addr=addr_to_c(net.network_address))
 
 

@@ -45,8 +45,8 @@ class BuildOptions:
     """Everything that shapes a load. Map capacities must match existing pins."""
 
     pin_dir: str
-    ipcache_max: int = 131072
-    policy_max: int = 131072
+    ipcache_max: int = 262144   # both generations: half is usable
+    policy_max: int = 262144
     ranges_max: int = 4096
     ct_max: int = 262144
     frag_max: int = 8192

@@ -64,7 +64,8 @@ class MapSpec:
 u32 = ctypes.c_uint32
 MAP_SPECS = [
     MapSpec("ipcache", "dp_ipcache_v1", abi.IpKey, abi.IpVal, "ipcache_max"),
-    MapSpec("plens", "dp_plens_v1", u32, abi.Plens, fixed_size=2),
+    MapSpec("plens", "dp_plens_v1", u32, abi.Plens, fixed_size=4),
+    MapSpec("gen", "dp_gen_v1", u32, abi.Gen, fixed_size=1),
     MapSpec("policy", "dp_policy_v1", abi.PolicyKey, abi.PolicyVal, "policy_max"),
     MapSpec("ranges", "dp_ranges_v1", u32, abi.RangeSet, "ranges_max", map_type=libbpf.BPF_MAP_TYPE_ARRAY),
     MapSpec("ct", "dp_ct_v1", abi.CtKey, abi.CtVal, "ct_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),

@@ -47,9 +47,11 @@ class Model:
 
     @classmethod
     def from_datapath(cls, dp) -> "Model":
-        policy, cur = tables.read_policy(dp)
+        """The live generation's state."""
+        gen = tables.active_generation(dp)
+        policy, cur = tables.read_policy(dp, gen)
         cfg = dp.read_config()
-        return cls(tables.read_identities(dp), policy, cur["sets"], bool(cfg.flags & abi.CFG_AUDIT_DEFAULT))
+        return cls(tables.read_identities(dp, gen), policy, cur["sets"], bool(cfg.flags & abi.CFG_AUDIT_DEFAULT))
 
     def identity_of(self, ip) -> int:
         ip = ipaddress.ip_address(ip)

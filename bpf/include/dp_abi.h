@@ -115,11 +115,13 @@ enum dp_stat {
 /* ipcache key. Written by the loader, read by every hook. IPv4 uses addr[0]
  * and leaves the rest zero. Hash mode: prefixlen is the prefix length and
  * addr is masked to it. LPM mode: prefixlen also counts the 32 bits of
- * family+pad, so that a v4 and a v6 prefix never match each other. */
+ * family, generation and pad, so a v4 and a v6 prefix never match each
+ * other and each generation is a trie of its own. */
 struct dp_ip_key {
 	__u32 prefixlen;
 	__u8 family;		/* enum dp_family */
-	__u8 pad[3];
+	__u8 gen;		/* policy generation, 0 or 1 (struct dp_gen) */
+	__u8 pad[2];
 	__be32 addr[4];
 };
 
@@ -138,7 +140,7 @@ struct dp_plen {
 
 /* Prefix lengths present in the ipcache for one family, longest first.
  * Written by the loader together with the ipcache; read by hooks (hash mode).
- * Index 0: IPv4, 1: IPv6. */
+ * Key: generation * 2 + (0 IPv4, 1 IPv6). */
 struct dp_plens {
 	__u32 count;
 	struct dp_plen e[DP_MAX_PLENS];
@@ -155,6 +157,8 @@ struct dp_policy_key {
 	__u16 dport;		/* host order; 0: any port */
 	__u8 proto;		/* IPPROTO_*; 0: any protocol (then dport is 0) */
 	__u8 dir;		/* enum dp_direction */
+	__u8 gen;		/* policy generation, 0 or 1 (struct dp_gen) */
+	__u8 pad[3];
 };
 
 /* Policy value. action applies to every port (only meaningful when the key's
@@ -230,6 +234,18 @@ struct dp_frag_val {
 	__u8 verdict;
 	__u8 proto;		/* transport protocol of the datagram */
 	__u8 pad[6];
+};
+
+/* Which policy generation is live. The ipcache, prefix-length and policy
+ * maps hold two generations side by side (a field of their keys); the
+ * loader writes a whole new state into the idle one and then switches this
+ * single value, so every packet is judged entirely by the old state or
+ * entirely by the new. One entry, key 0, in a hash map, whose updates
+ * replace the value at once (an array update copies in place). Written by
+ * the loader, read when a flow is judged. No entry: generation 0. */
+struct dp_gen {
+	__u32 active;		/* 0 or 1 */
+	__u32 pad;
 };
 
 /* Runtime configuration, one entry. Written by the loader, read by hooks. */

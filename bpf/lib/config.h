@@ -13,11 +13,12 @@
 #endif
 
 /* Map capacities. */
+/* The ipcache and policy maps hold two generations: half each is usable. */
 #ifndef DP_IPCACHE_MAX
-#define DP_IPCACHE_MAX 131072
+#define DP_IPCACHE_MAX 262144
 #endif
 #ifndef DP_POLICY_MAX
-#define DP_POLICY_MAX 131072
+#define DP_POLICY_MAX 262144
 #endif
 #ifndef DP_RANGES_MAX
 #define DP_RANGES_MAX 4096

@@ -21,13 +21,18 @@
 #endif
 
 /* Judges flow t as seen in direction dir: local is the destination for
- * ingress, the source for egress. */
+ * ingress, the source for egress. Identities and policy come from the live
+ * generation, read once, so one judgement never mixes two states. */
 static __always_inline void dp_judge(const struct dp_tuple *t, __u8 dir, __u32 cfg_flags,
 				     struct dp_decision *d, struct dp_result *res)
 {
-	res->local_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->daddr : t->saddr);
-	res->remote_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->saddr : t->daddr);
-	dp_policy_decide(res->local_id, res->remote_id, dir, t->proto, dp_ntohs(t->dport), cfg_flags, d);
+	__u32 zero = 0;
+	struct dp_gen *g = dp_gen_v1.lookup(&zero);
+	__u8 gen = g ? g->active & 1 : 0;
+
+	res->local_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->daddr : t->saddr, gen);
+	res->remote_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->saddr : t->daddr, gen);
+	dp_policy_decide(res->local_id, res->remote_id, dir, t->proto, dp_ntohs(t->dport), gen, cfg_flags, d);
 	res->dir = dir;
 	res->rule_id = d->rule_id;
 	res->verdict = d->verdict;

@@ -19,12 +19,13 @@
 
 #ifdef DP_IDENTITY_LPM
 
-static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr)
+static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr, __u8 gen)
 {
 	struct dp_ip_key k = {};
 
 	k.family = family;
-	k.prefixlen = 32 + (family == DP_FAMILY_IPV4 ? 32 : 128);
+	k.gen = gen;
+	k.prefixlen = 32 + (family == DP_FAMILY_IPV4 ? 32 : 128);	/* family, gen, pad: exact */
 	k.addr[0] = addr[0];
 	if (family == DP_FAMILY_IPV6) {
 		k.addr[1] = addr[1];
@@ -39,14 +40,14 @@ static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr)
 
 /* IPv4 addresses have zero words 1-3 (struct dp_tuple), so one loop serves
  * both families. */
-static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr)
+static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr, __u8 gen)
 {
-	__u32 slot = family == DP_FAMILY_IPV6;
+	__u32 slot = gen * 2 + (family == DP_FAMILY_IPV6);
 	struct dp_plens *pl = dp_plens_v1.lookup(&slot);
 	if (!pl)
 		return DP_ID_WORLD;
 
-	struct dp_ip_key k = { .family = family };
+	struct dp_ip_key k = { .family = family, .gen = gen };
 	__u32 n = pl->count;
 	for (int i = 0; i < DP_MAX_PLENS; i++) {
 		if (i >= n)

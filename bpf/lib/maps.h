@@ -25,10 +25,13 @@ BPF_TABLE_PINNED("lpm_trie", struct dp_ip_key, struct dp_ip_val, dp_ipcache_v1,
 BPF_TABLE_PINNED("hash", struct dp_ip_key, struct dp_ip_val, dp_ipcache_v1,
 		 DP_IPCACHE_MAX, DP_PIN(dp_ipcache_v1));
 #endif
-/* Prefix lengths in dp_ipcache_v1, per family (hash mode). A hash, not an
- * array: a hash update swaps the whole value in at once, an array update
- * copies into the live value and a reader could see half a list. */
-BPF_TABLE_PINNED("hash", __u32, struct dp_plens, dp_plens_v1, 2, DP_PIN(dp_plens_v1));
+/* Prefix lengths in dp_ipcache_v1, per generation and family (hash mode). A
+ * hash, not an array: a hash update swaps the whole value in at once, an
+ * array update copies into the live value and a reader could see half a list. */
+BPF_TABLE_PINNED("hash", __u32, struct dp_plens, dp_plens_v1, 4, DP_PIN(dp_plens_v1));
+
+/* The live policy generation (struct dp_gen). */
+BPF_TABLE_PINNED("hash", __u32, struct dp_gen, dp_gen_v1, 1, DP_PIN(dp_gen_v1));
 
 /* (local identity, remote identity, port, protocol, direction) -> action. */
 BPF_TABLE_PINNED("hash", struct dp_policy_key, struct dp_policy_val, dp_policy_v1,

@@ -66,9 +66,9 @@ static __always_inline int dp_probe(struct dp_policy_key *k, __u16 port, int wit
 }
 
 static __always_inline void dp_policy_decide(__u32 local_id, __u32 remote_id, __u8 dir, __u8 proto,
-					     __u16 port, __u32 cfg_flags, struct dp_decision *d)
+					     __u16 port, __u8 gen, __u32 cfg_flags, struct dp_decision *d)
 {
-	struct dp_policy_key k = { .local_id = local_id, .dir = dir };
+	struct dp_policy_key k = { .local_id = local_id, .dir = dir, .gen = gen };
 
 	d->verdict = DP_VERDICT_NONE;
 	d->rule_id = 0;

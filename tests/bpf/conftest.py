@@ -29,7 +29,7 @@ def loaded_datapath():
 
 def reset(dp: Datapath) -> None:
     """Empties every table and zeroes every counter; config back to defaults."""
-    for attr in ("ct", "frag", "policy", "ipcache", "plens"):
+    for attr in ("ct", "frag", "policy", "ipcache", "plens", "gen"):
         dp.maps[attr].clear()
     zero_set = abi.RangeSet()
     for i in range(1, 64):  # tests use low range-set indices only
