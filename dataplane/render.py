@@ -100,7 +100,7 @@ def rows_for(attr: str, dp, limit: int | None = None) -> list[dict]:
         rows.append({"live_generation": live})
     elif attr == "config":
         c = m.lookup(0)
-        rows.append({"generation": live, "epoch": c.epoch, "audit_default": bool(c.flags & abi.CFG_AUDIT_DEFAULT),
+        rows.append({"generation": live, "epoch": c.epoch, "audit_default": tables.live_audit_default(dp),
                      "allow_sample": c.allow_sample})
     elif attr == "rules":
         for rule, (pk, by) in sorted(dp.rule_counters().items()):

@@ -18,7 +18,7 @@ MAX_RANGES = 16
 REASON_MAX = 64
 STAT_MAX = 16
 
-CFG_AUDIT_DEFAULT = 1 << 0
+GEN_AUDIT_DEFAULT = 1 << 0
 
 CT_INIT_IS_A = 1 << 0
 CT_INIT_EGRESS = 1 << 1
@@ -200,7 +200,7 @@ class FragVal(_Struct):
 
 
 class Gen(_Struct):
-    _fields_ = [("active", u32), ("pad", u32)]
+    _fields_ = [("active", u32), ("flags", u32)]
 
 
 class Config(_Struct):

@@ -535,12 +535,16 @@ class Datapath:
         return self.maps["config"].lookup(0)
 
     def set_config(self, *, audit_default: bool | None = None, allow_sample: int | None = None) -> abi.Config:
-        cfg = self.read_config()
+        """Runtime settings. audit_default changes the live generation's
+        policy mode in place (apply_state switches it with the generation)."""
+        from loader import tables
+
         if audit_default is not None:
-            cfg.flags = (cfg.flags | abi.CFG_AUDIT_DEFAULT) if audit_default else (cfg.flags & ~abi.CFG_AUDIT_DEFAULT)
+            tables.set_active_generation(dp=self, gen=tables.active_generation(self), audit_default=audit_default)
+        cfg = self.read_config()
         if allow_sample is not None:
             cfg.allow_sample = allow_sample
-        self.maps["config"].update(0, cfg)
+            self.maps["config"].update(0, cfg)
         return cfg
 
     def bump_epoch(self) -> int:

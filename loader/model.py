@@ -50,8 +50,7 @@ class Model:
         """The live generation's state."""
         gen = tables.active_generation(dp)
         policy, cur = tables.read_policy(dp, gen)
-        cfg = dp.read_config()
-        return cls(tables.read_identities(dp, gen), policy, cur["sets"], bool(cfg.flags & abi.CFG_AUDIT_DEFAULT))
+        return cls(tables.read_identities(dp, gen), policy, cur["sets"], tables.live_audit_default(dp))
 
     def identity_of(self, ip) -> int:
         ip = ipaddress.ip_address(ip)

@@ -60,8 +60,14 @@ def active_generation(dp) -> int:
     return (g.active & 1) if g is not None else 0
 
 
-def set_active_generation(dp, gen: int) -> None:
-    dp.gen.update(0, abi.Gen(active=gen & 1))
+def live_audit_default(dp) -> bool:
+    g = dp.gen.lookup(0)
+    return bool(g is not None and g.flags & abi.GEN_AUDIT_DEFAULT)
+
+
+def set_active_generation(dp, gen: int, audit_default: bool = False) -> None:
+    """One hash update: which generation is live, and its policy mode."""
+    dp.gen.update(0, abi.Gen(active=gen & 1, flags=abi.GEN_AUDIT_DEFAULT if audit_default else 0))
 
 
 def _gen(dp, gen: int | None) -> int:
@@ -309,7 +315,8 @@ class ApplyResult:
     seconds: float
 
 
-def apply_state(dp, identities: Mapping, entries: Iterable[PolicyEntry], bump_epoch: bool = True) -> ApplyResult:
+def apply_state(dp, identities: Mapping, entries: Iterable[PolicyEntry], bump_epoch: bool = True,
+                audit_default: bool = False) -> ApplyResult:
     """Makes packets be judged by exactly this state, all at once.
 
     The idle generation is written, then made live by one atomic update, then
@@ -330,7 +337,7 @@ def apply_state(dp, identities: Mapping, entries: Iterable[PolicyEntry], bump_ep
     idle = 1 - live
     a = sync_identities(dp, identities, gen=idle)
     b = sync_policy(dp, entries, gen=idle, layout=layout)
-    set_active_generation(dp, idle)
+    set_active_generation(dp, idle, audit_default)
     epoch = dp.bump_epoch() if bump_epoch else dp.read_config().epoch
     seconds = time.monotonic() - t0
     sync_identities(dp, identities, gen=live)

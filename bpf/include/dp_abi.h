@@ -101,8 +101,8 @@ enum dp_stat {
 	DP_STAT_MAX = 16,
 };
 
-/* dp_config.flags */
-#define DP_CFG_AUDIT_DEFAULT	(1U << 0)	/* no match: pass as audit instead of deny */
+/* dp_gen.flags: properties of the live generation's policy */
+#define DP_GEN_AUDIT_DEFAULT	(1U << 0)	/* no match: pass as audit instead of deny */
 
 /* dp_ct_val.flags */
 #define DP_CT_INIT_IS_A		(1U << 0)	/* the initiator is side a of the key */
@@ -245,13 +245,13 @@ struct dp_frag_val {
  * the loader, read when a flow is judged. No entry: generation 0. */
 struct dp_gen {
 	__u32 active;		/* 0 or 1 */
-	__u32 pad;
+	__u32 flags;		/* DP_GEN_*, of the live generation: switched with it */
 };
 
 /* Runtime configuration, one entry. Written by the loader, read by hooks. */
 struct dp_config {
 	__u32 epoch;		/* bumped on any identity or policy change that can revoke */
-	__u32 flags;		/* DP_CFG_* */
+	__u32 flags;		/* reserved, zero */
 	__u32 allow_sample;	/* report 1 of every N allowed new flows; 0: none */
 	__u32 pad;
 };

@@ -23,16 +23,17 @@
 /* Judges flow t as seen in direction dir: local is the destination for
  * ingress, the source for egress. Identities and policy come from the live
  * generation, read once, so one judgement never mixes two states. */
-static __always_inline void dp_judge(const struct dp_tuple *t, __u8 dir, __u32 cfg_flags,
-				     struct dp_decision *d, struct dp_result *res)
+static __always_inline void dp_judge(const struct dp_tuple *t, __u8 dir, struct dp_decision *d,
+				     struct dp_result *res)
 {
 	__u32 zero = 0;
 	struct dp_gen *g = dp_gen_v1.lookup(&zero);
 	__u8 gen = g ? g->active & 1 : 0;
+	__u32 gen_flags = g ? g->flags : 0;
 
 	res->local_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->daddr : t->saddr, gen);
 	res->remote_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->saddr : t->daddr, gen);
-	dp_policy_decide(res->local_id, res->remote_id, dir, t->proto, dp_ntohs(t->dport), gen, cfg_flags, d);
+	dp_policy_decide(res->local_id, res->remote_id, dir, t->proto, dp_ntohs(t->dport), gen, gen_flags, d);
 	res->dir = dir;
 	res->rule_id = d->rule_id;
 	res->verdict = d->verdict;
@@ -188,7 +189,7 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 		}
 	}
 
-	dp_judge(&s->subject, judge_dir, cfg->flags, &s->d, res);
+	dp_judge(&s->subject, judge_dir, &s->d, res);
 	int allowed = res->reason < DP_REASON_FIRST_DROP;
 
 	if (kind == DP_JUDGE_RELATED) {

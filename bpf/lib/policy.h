@@ -11,7 +11,7 @@
  * the maximum), and among equals the first found, the most specific, names
  * the rule. So the datapath honours an explicit deny without help from the
  * compiler. A deny ends the probing. No entry: deny, or audit when the
- * policy runs in audit mode (DP_CFG_AUDIT_DEFAULT). Only new flows and
+ * policy runs in audit mode (DP_GEN_AUDIT_DEFAULT). Only new flows and
  * stale conntrack entries come here.
  */
 #ifndef DP_POLICY_H
@@ -66,7 +66,7 @@ static __always_inline int dp_probe(struct dp_policy_key *k, __u16 port, int wit
 }
 
 static __always_inline void dp_policy_decide(__u32 local_id, __u32 remote_id, __u8 dir, __u8 proto,
-					     __u16 port, __u8 gen, __u32 cfg_flags, struct dp_decision *d)
+					     __u16 port, __u8 gen, __u32 gen_flags, struct dp_decision *d)
 {
 	struct dp_policy_key k = { .local_id = local_id, .dir = dir, .gen = gen };
 
@@ -98,7 +98,7 @@ static __always_inline void dp_policy_decide(__u32 local_id, __u32 remote_id, __
 		break;
 	default:
 		d->rule_id = 0;
-		if (cfg_flags & DP_CFG_AUDIT_DEFAULT) {
+		if (gen_flags & DP_GEN_AUDIT_DEFAULT) {
 			d->verdict = DP_VERDICT_AUDIT;
 			d->reason = DP_PASS_AUDIT;
 		} else {

@@ -1,0 +1,244 @@
+"""Policy + inventory -> exactly the map content one host needs.
+
+For host H:
+- every address the inventory knows (all hosts' endpoints, hosts, live
+  sessions, networks) and every CIDR the policy names goes into the ipcache
+  with the identity of its label set; H's own addresses get the reserved
+  host identity (1);
+- for each rule in force now, for each identity local to H (H itself and
+  H's endpoints): if it is a destination of the rule, ingress entries for
+  every source identity; if it is a source, egress entries for every
+  destination identity. `entity: any` becomes the wildcard.
+
+The output is deterministic (golden-file tested) and says when it next
+changes by itself (a rule's validity window or a session's expiry), so the
+agent can apply it again then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+import json
+
+from dataplane.identity import Allocator, Requirement, Selector, canonical, render
+from dataplane.inventory import Inventory
+from dataplane.policy import PROTOCOL_NAMES, Peer, Policy, Rule
+from loader.abi import Direction, ReservedIdentity, Verdict
+from loader.tables import PolicyEntry
+
+ANY, HOST, WORLD = ReservedIdentity.ANY, ReservedIdentity.HOST, ReservedIdentity.WORLD
+RESERVED_LABELS = {ANY: "reserved:any", HOST: "reserved:host", WORLD: "reserved:world"}
+
+
+@dataclasses.dataclass
+class CompiledState:
+    host: str
+    identities: dict              # network -> identity number (ipcache content)
+    entries: list                 # PolicyEntry, sorted
+    audit_default: bool
+    rule_ids: dict                # rule name -> rule id, for the rules of the policy
+    labels: dict                  # identity number -> label set (dict)
+    locals: list                  # identity numbers local to this host
+    warnings: list
+    next_change: dt.datetime | None
+
+    def rule_names(self) -> dict:
+        return {v: k for k, v in self.rule_ids.items()}
+
+    def to_json(self) -> dict:
+        """The golden-file form: readable, stable, diffable."""
+        names = self.rule_names()
+        used = {e.local_id for e in self.entries} | {e.remote_id for e in self.entries} | \
+            set(self.identities.values()) | set(self.locals)
+        return {
+            "host": self.host,
+            "audit_default": self.audit_default,
+            "locals": sorted(self.locals),
+            "identities": {str(n): RESERVED_LABELS.get(n) or render(self.labels[n]) for n in sorted(used)
+                           if n in self.labels or n in RESERVED_LABELS},
+            "ipcache": [[str(net), n] for net, n in sorted(self.identities.items(), key=lambda kv: _netkey(kv[0]))],
+            "rules": dict(sorted(self.rule_ids.items(), key=lambda kv: kv[1])),
+            "entries": [{
+                "local": e.local_id,
+                "remote": "any" if e.remote_id == ANY else e.remote_id,
+                "direction": Direction(e.direction).name.lower(),
+                "ports": _ports_text(e.proto, e.port_lo, e.port_hi),
+                "action": Verdict(e.action).name.lower(),
+                "rule": names.get(e.rule_id, e.rule_id),
+            } for e in self.entries],
+            "next_change": self.next_change.isoformat() if self.next_change else None,
+        }
+
+    def to_json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=1) + "\n"
+
+
+def _ports_text(proto: int, lo: int, hi: int) -> str:
+    if proto == 0:
+        return "any"
+    name = PROTOCOL_NAMES.get(proto, str(proto))
+    if (lo, hi) == (0, 65535):
+        return name
+    return f"{name}/{lo}" if lo == hi else f"{name}/{lo}-{hi}"
+
+
+def _netkey(net):
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def _host_prefix(addr) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network((addr, addr.max_prefixlen))
+
+
+@dataclasses.dataclass
+class _Identity:
+    labels: dict
+    prefixes: list
+    origin: str                   # where it came from, for messages
+
+
+class Compiler:
+    """Compiles one policy and inventory for any number of hosts, sharing
+    the identity and rule numbering (persisted by the allocators)."""
+
+    def __init__(self, policy: Policy, inventory: Inventory, identity_numbers: Allocator,
+                 rule_numbers: Allocator, now: dt.datetime | None = None):
+        self.policy = policy
+        self.inventory = inventory
+        self.ids = identity_numbers
+        self.rules = rule_numbers
+        self.now = now or dt.datetime.now(dt.timezone.utc)
+        self._universe = self._build_universe()
+        # Number label sets in a fixed order, so a fresh allocator numbers
+        # the same policy the same way every time.
+        self._numbers = {key: self.ids.number(key) for key in sorted(self._universe)}
+        self.rule_ids = {r.name: self.rules.number(r.name) for r in policy.rules}
+
+    # -- the identities that exist ----------------------------------------------
+
+    def _build_universe(self) -> dict[str, _Identity]:
+        universe: dict[str, _Identity] = {}
+        claimed: dict = {}
+        self.universe_warnings: list[str] = []
+
+        def add(labels: dict, prefixes, origin: str) -> None:
+            key = canonical(labels)
+            ident = universe.setdefault(key, _Identity(labels, [], origin))
+            for net in prefixes:
+                if net in claimed and claimed[net] != key:
+                    self.universe_warnings.append(f"{origin}: {net} is already claimed by "
+                                                  f"{universe[claimed[net]].origin}; ignored here")
+                    continue
+                if net not in claimed:
+                    claimed[net] = key
+                    ident.prefixes.append(net)
+
+        inv = self.inventory
+        for h in inv.hosts:
+            add(h.identity_labels(), [_host_prefix(a) for a in h.addresses], h.where)
+        for e in inv.endpoints:
+            add(e.identity_labels(), [_host_prefix(a) for a in e.addresses], e.where)
+        for s in inv.sessions:
+            if s.live_at(self.now):
+                add(s.identity_labels(), [_host_prefix(a) for a in s.addresses], s.where)
+        for n in inv.networks:
+            add(n.identity_labels(), list(n.cidrs), n.where)
+        for rule in self.policy.rules:
+            for peer in rule.sources + rule.destinations:
+                if peer.kind == "cidr" and peer.cidr not in claimed:
+                    add({"kind": "cidr", "cidr": str(peer.cidr)}, [peer.cidr], peer.where)
+        return universe
+
+    # -- one host ------------------------------------------------------------------
+
+    def compile(self, host: str) -> CompiledState:
+        host_entry = self.inventory.host(host)
+        own_key = canonical(host_entry.identity_labels()) if host_entry else None
+
+        numbers = {key: HOST if key == own_key else n for key, n in self._numbers.items()}
+        labels = {numbers[k]: ident.labels for k, ident in self._universe.items()}
+        if host_entry is None:
+            labels[HOST] = {"kind": "host", "name": host}
+        identities = {net: numbers[key] for key, ident in self._universe.items() for net in ident.prefixes}
+
+        locals_ = {HOST} | {numbers[canonical(e.identity_labels())] for e in self.inventory.endpoints
+                            if e.host == host}
+        warnings = list(self.universe_warnings)
+        entries: list[PolicyEntry] = []
+        for rule in self.policy.rules:
+            if not rule.active_at(self.now):
+                continue
+            sources = self._resolve_all(rule, rule.sources, labels, numbers, warnings)
+            destinations = self._resolve_all(rule, rule.destinations, labels, numbers, warnings)
+            entries += self._entries(rule, sources, destinations, locals_)
+
+        return CompiledState(
+            host=host,
+            identities=identities,
+            entries=sorted(set(entries)),
+            audit_default=self.policy.mode == "audit",
+            rule_ids=dict(self.rule_ids),
+            labels=labels,
+            locals=sorted(locals_),
+            warnings=warnings,
+            next_change=self._next_change(),
+        )
+
+    def _resolve_all(self, rule: Rule, peers, labels: dict, numbers: dict, warnings: list) -> set[int]:
+        out: set[int] = set()
+        for peer in peers:
+            got = self._resolve(peer, labels, numbers)
+            if rule.posture is not None:
+                got = {n for n in got if self._posture_ok(rule.posture, labels.get(n))}
+            if not got:
+                warnings.append(f"{peer.where}: rule {rule.name!r}: {peer.describe()} matches no identity")
+            out |= got
+        return out
+
+    @staticmethod
+    def _posture_ok(posture: Selector, labels: dict | None) -> bool:
+        """Posture conditions restrict users' sessions only."""
+        if labels is None or labels.get("kind") != "user":
+            return True
+        device = Selector(tuple(Requirement(f"device.{r.label}", r.op, r.values) for r in posture.requirements))
+        return device.matches(labels)
+
+    def _resolve(self, peer: Peer, labels: dict, numbers: dict) -> set[int]:
+        if peer.kind == "entity":
+            return {{"any": ANY, "world": WORLD, "host": HOST}[peer.entity]}
+        if peer.kind == "cidr":
+            # Networks and CIDRs lying wholly inside; addresses of hosts,
+            # endpoints and sessions inside keep their own identities.
+            return {numbers[key] for key, ident in self._universe.items()
+                    if ident.labels.get("kind") in ("network", "cidr") and ident.prefixes
+                    and all(p.version == peer.cidr.version and p.subnet_of(peer.cidr) for p in ident.prefixes)}
+        kind = None if peer.kind == "selector" else peer.kind
+        return {n for n, lab in labels.items()
+                if (kind is None or lab.get("kind") == kind) and peer.selector.matches(lab)}
+
+    def _entries(self, rule: Rule, sources: set, destinations: set, locals_: set) -> list[PolicyEntry]:
+        action = rule.action
+        if self.policy.mode == "audit" and action == Verdict.DENY:
+            action = Verdict.AUDIT
+        rule_id = self.rule_ids[rule.name]
+        out = []
+        for side, remotes, direction in ((destinations, sources, Direction.INGRESS),
+                                         (sources, destinations, Direction.EGRESS)):
+            mine = locals_ if ANY in side else side & locals_
+            if not mine:
+                continue
+            far = {ANY} if ANY in remotes else remotes
+            for local in mine:
+                for remote in far:
+                    for pr in rule.ports:
+                        out.append(PolicyEntry(local, remote, direction, pr.proto, pr.lo, pr.hi, action, rule_id))
+        return out
+
+    def _next_change(self) -> dt.datetime | None:
+        times = []
+        for r in self.policy.rules:
+            times += [t for t in (r.not_before, r.not_after) if t is not None and t > self.now]
+        times += [s.expires for s in self.inventory.sessions if s.expires is not None and s.expires > self.now]
+        return min(times, default=None)
