@@ -201,6 +201,239 @@ def cmd_bpf_epoch_bump(args) -> int:
     return 0
 
 
+# --- policy --------------------------------------------------------------------
+
+def _workspace(args, read_only: bool = False):
+    """The instance's numbering and records. Read-only commands fall back to
+    fresh numbering when the workspace cannot be read (not root, elsewhere)."""
+    from dataplane.agent import Workspace
+
+    try:
+        return Workspace(args.instance, getattr(args, "state_dir", None))
+    except PermissionError:
+        if not read_only:
+            raise
+        return Workspace(args.instance, "/nonexistent/dataplane-workspace")
+
+
+def _load_sources(args, need_inventory: bool = True):
+    from dataplane.inventory import Inventory, load_inventory
+    from dataplane.policy import load_policy
+
+    policy = load_policy(args.policy)
+    if args.inventory:
+        inventory = load_inventory(args.inventory)
+    elif need_inventory:
+        raise DataplaneError("--inventory is needed: the policy names identities the inventory defines")
+    else:
+        inventory = Inventory()
+    return policy, inventory
+
+
+def _compiler(args, policy, inventory):
+    """A compiler numbering identities like the instance's workspace, without
+    saving new numbers (read-only commands must not change them)."""
+    from dataplane.compiler import Compiler
+
+    ws = _workspace(args, read_only=True)
+    return Compiler(policy, inventory, ws.identities, ws.rules)
+
+
+def _hosts(inventory, wanted):
+    names = [h.name for h in inventory.hosts] or []
+    return [wanted] if wanted else names
+
+
+def _run_tests(explainer, policy) -> list[tuple]:
+    results = []
+    for t in policy.tests:
+        try:
+            exp = explainer.explain(t.source, t.destination, t.proto, t.port)
+            got = exp.verdict
+        except DataplaneError as e:
+            exp, got = None, f"error: {e}"
+        results.append((t, got, exp))
+    return results
+
+
+def _test_failure(t, got, exp) -> str:
+    detail = ""
+    if exp is not None and exp.judgements:
+        detail = " (" + "; ".join(f"{j.host} {j.direction}: {j.verdict} by {j.rule}" for j in exp.judgements) + ")"
+    elif exp is not None:
+        detail = " (no enforcement point on the path: neither end runs on a host in the inventory)"
+    return f"{t.where}: {t.name}: expected {t.expect.name.lower()}, got {got}{detail}"
+
+
+def cmd_policy_validate(args) -> int:
+    from dataplane.explain import Explainer
+
+    policy, inventory = _load_sources(args, need_inventory=False)
+    compiler = _compiler(args, policy, inventory)
+    warnings = list(compiler.universe_warnings)
+    seen = set(warnings)
+    for host in _hosts(inventory, args.host) or ["(no host)"]:
+        for w in compiler.compile(host).warnings:
+            if w not in seen:
+                seen.add(w)
+                warnings.append(w)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    failures = []
+    if policy.tests and args.inventory:
+        failures = [_test_failure(t, got, exp) for t, got, exp in _run_tests(Explainer(compiler), policy)
+                    if got != t.expect.name.lower()]
+    elif policy.tests:
+        print("warning: tests not run: they need --inventory", file=sys.stderr)
+    if failures:
+        raise SourceErrorLines(failures)
+    print(f"{args.policy}: valid: {len(policy.rules)} rules, {len(policy.tests)} tests"
+          + (" passed" if policy.tests and args.inventory else "") + f", {len(warnings)} warnings")
+    return 0
+
+
+class SourceErrorLines(DataplaneError):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def cmd_policy_test(args) -> int:
+    from dataplane.explain import Explainer
+
+    policy, inventory = _load_sources(args)
+    if not policy.tests:
+        raise DataplaneError(f"{args.policy}: no tests: section")
+    results = _run_tests(Explainer(_compiler(args, policy, inventory)), policy)
+    failed = 0
+    for t, got, exp in results:
+        ok = got == t.expect.name.lower()
+        failed += not ok
+        print(("ok    " if ok else "FAIL  ") + (t.name if ok else _test_failure(t, got, exp)))
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_policy_explain(args) -> int:
+    from dataplane.explain import Explainer
+    from dataplane.policy import parse_port_text
+
+    policy, inventory = _load_sources(args)
+    pr = parse_port_text(args.port)
+    if isinstance(pr, str):
+        raise DataplaneError(f"--port {pr}")
+    if pr.lo != pr.hi and pr.proto in (6, 17, 132):
+        raise DataplaneError("--port names one port, e.g. tcp/443")
+    exp = Explainer(_compiler(args, policy, inventory)).explain(args.source, args.destination, pr.proto,
+                                                                0 if pr.lo == 0 else pr.lo)
+    if args.output == "json":
+        json.dump(exp.to_dict(), sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{exp.source} ({exp.src_addr}) -> {exp.destination} ({exp.dst_addr}) {exp.service}: {exp.verdict.upper()}")
+    if not exp.judgements:
+        print("  no enforcement point on the path: neither end is a host or endpoint in the inventory")
+    for j in exp.judgements:
+        print(f"  {j.host} {j.direction}: {j.verdict} ({j.reason}) by rule {j.rule}")
+        print(f"    local  {j.local['identity']}: {j.local['labels']}")
+        print(f"    remote {j.remote['identity']}: {j.remote['labels']}")
+    return 0
+
+
+def cmd_policy_apply(args) -> int:
+    from dataplane.agent import apply_compiled, compile_for, default_host
+
+    policy, inventory = _load_sources(args)
+    dp = _datapath(args)
+    ws = _workspace(args)
+    host = args.host or default_host()
+    _, state = compile_for(policy, inventory, host, ws)
+    for w in state.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    result = apply_compiled(dp, state, ws, {"policy": args.policy, "inventory": args.inventory})
+    print(f"applied to {args.instance} as host {host}: {len(state.entries)} entries, {len(state.identities)} "
+          f"prefixes; generation {result.generation} live, epoch {result.epoch}")
+    return 0
+
+
+def cmd_policy_show(args) -> int:
+    record = _workspace(args).read_applied()
+    if record is None:
+        raise DataplaneError(f"no policy has been applied to instance {args.instance!r}")
+    if args.output == "json":
+        json.dump(record, sys.stdout, indent=2)
+        print()
+        return 0
+    from dataplane.render import print_rows
+
+    print(f"host {record['host']}, applied {record['applied_at']}, mode {record['mode']}, "
+          f"generation {record['generation']}, epoch {record['epoch']}")
+    for k, v in record.get("sources", {}).items():
+        if k != "digests":
+            print(f"{k}: {v}")
+    c = record["counts"]
+    print(f"{c['rules']} rules, {c['entries']} entries, {c['prefixes']} prefixes, {c['identities']} identities")
+    if record.get("next_change"):
+        print(f"next change by itself: {record['next_change']}")
+    print()
+    print_rows([{"rule": int(i), "name": n} for i, n in record["rules"].items()], "table")
+    return 0
+
+
+def cmd_identity_list(args) -> int:
+    from dataplane.render import print_rows
+    from loader import tables
+
+    record = _workspace(args).read_applied()
+    if record is None:
+        raise DataplaneError(f"no policy has been applied to instance {args.instance!r}")
+    prefixes: dict[int, list] = {}
+    try:
+        dp = _datapath(args)
+        for net, n in tables.read_identities(dp).items():
+            prefixes.setdefault(n, []).append(str(net))
+    except DataplaneError:
+        pass  # not loaded: labels only
+    local = set(record.get("locals", []))
+    rows = [{"identity": int(n), "labels": labels, "local": int(n) in local,
+             "prefixes": sorted(prefixes.get(int(n), []))} for n, labels in record["identities"].items()]
+    print_rows(rows, args.output)
+    return 0
+
+
+def cmd_bpf_policy_list(args) -> int:
+    from dataplane.render import print_rows, rows_for
+
+    dp = _datapath(args)
+    record = _workspace(args).read_applied() or {}
+    names = record.get("rules", {})
+    rows = rows_for("policy", dp)
+    for r in rows:
+        r["rule_name"] = names.get(str(r["rule"]), "-" if r["rule"] else "default")
+    print_rows(rows, args.output)
+    return 0
+
+
+# --- agent -----------------------------------------------------------------------
+
+def cmd_agent(args) -> int:
+    from dataplane.agent import Agent, AgentOptions
+    from loader.instance import Datapath, check_privileges
+
+    check_privileges()
+    from loader.attach import ifindex_of
+
+    for ifname in args.interface:
+        ifindex_of(ifname, args.netns)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    agent = Agent(Datapath(args.instance), AgentOptions(
+        policy=args.policy, inventory=args.inventory, interfaces=args.interface, netns=args.netns,
+        host=args.host, ingress=args.ingress, state_dir=args.state_dir))
+    agent.start()
+    agent.run()
+    return 0
+
+
 # --- parser --------------------------------------------------------------------
 
 def _output(p):
@@ -285,6 +518,68 @@ def build_parser() -> argparse.ArgumentParser:
     everbs = ep.add_subparsers(dest="everb", required=True, metavar="VERB")
     p = everbs.add_parser("bump", help="make every established flow be judged again")
     p.set_defaults(func=cmd_bpf_epoch_bump)
+
+    bp = verbs.add_parser("policy", help="the policy map as the datapath sees it")
+    bverbs = bp.add_subparsers(dest="pverb", required=True, metavar="VERB")
+    p = bverbs.add_parser("list", help="entries of the live generation, with rule names")
+    p.add_argument("--state-dir", dest="state_dir", help=argparse.SUPPRESS)
+    _output(p)
+    p.set_defaults(func=cmd_bpf_policy_list)
+
+    pol = nouns.add_parser("policy", help="the entitlement policy: validate, test, explain, apply, show")
+    pverbs = pol.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def sources(p, inventory_required=True):
+        p.add_argument("policy", help="policy file (YAML or JSON)")
+        p.add_argument("--inventory", "-i", required=inventory_required,
+                       help="inventory file: hosts, endpoints, sessions, networks")
+        p.add_argument("--state-dir", dest="state_dir", help=argparse.SUPPRESS)
+
+    p = pverbs.add_parser("validate", help="check a policy (and its tests, given an inventory)")
+    sources(p, inventory_required=False)
+    p.add_argument("--host", help="compile for this host only (default: every host in the inventory)")
+    p.set_defaults(func=cmd_policy_validate)
+
+    p = pverbs.add_parser("test", help="run the policy's tests: section")
+    sources(p)
+    p.set_defaults(func=cmd_policy_test)
+
+    p = pverbs.add_parser("explain", help="the verdict for one flow and the rule that decides it")
+    sources(p)
+    p.add_argument("--from", dest="source", required=True,
+                   help="an address, workload:NAME, user:NAME or host:NAME")
+    p.add_argument("--to", dest="destination", required=True, help="as --from")
+    p.add_argument("--port", required=True, help="tcp/443, udp/53, icmp, ...")
+    _output(p)
+    p.set_defaults(func=cmd_policy_explain)
+
+    p = pverbs.add_parser("apply", help="compile for this host and switch the datapath to it, atomically")
+    sources(p)
+    p.add_argument("--host", help="this host's name in the inventory (default: the hostname)")
+    p.set_defaults(func=cmd_policy_apply)
+
+    p = pverbs.add_parser("show", help="what is in force")
+    p.add_argument("--state-dir", dest="state_dir", help=argparse.SUPPRESS)
+    _output(p)
+    p.set_defaults(func=cmd_policy_show)
+
+    idn = nouns.add_parser("identity", help="identities in force")
+    iv = idn.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = iv.add_parser("list", help="identity numbers, labels and addresses")
+    p.add_argument("--state-dir", dest="state_dir", help=argparse.SUPPRESS)
+    _output(p)
+    p.set_defaults(func=cmd_identity_list)
+
+    ag = nouns.add_parser("agent", help="enforce a policy from files on this host, re-applying on change")
+    ag.add_argument("--policy", required=True)
+    ag.add_argument("--inventory", required=True)
+    ag.add_argument("--interface", action="append", required=True, help="repeat for several")
+    ag.add_argument("--netns", help="network namespace of the interfaces")
+    ag.add_argument("--host", help="this host's name in the inventory (default: the hostname)")
+    ag.add_argument("--ingress", choices=["xdp", "tc"], default="xdp")
+    ag.add_argument("--state-dir", dest="state_dir",
+                    help="numbering and applied-state records (default: /var/lib/dataplane/<instance>)")
+    ag.set_defaults(func=cmd_agent)
     return parser
 
 
@@ -296,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DataplaneError as e:
-        print(f"dataplane: error: {e}", file=sys.stderr)
+        for line in getattr(e, "problems", None) or [str(e)]:
+            print(f"dataplane: error: {line}", file=sys.stderr)
         return e.exit_code
     except PermissionError as e:
         print(f"dataplane: error: permission denied: {e.strerror or e} (run as root)", file=sys.stderr)

@@ -54,20 +54,17 @@ class CompiledState:
             set(self.identities.values()) | set(self.locals)
         return {
             "host": self.host,
-            "audit_default": self.audit_default,
+            "mode": "audit" if self.audit_default else "enforce",
             "locals": sorted(self.locals),
             "identities": {str(n): RESERVED_LABELS.get(n) or render(self.labels[n]) for n in sorted(used)
                            if n in self.labels or n in RESERVED_LABELS},
-            "ipcache": [[str(net), n] for net, n in sorted(self.identities.items(), key=lambda kv: _netkey(kv[0]))],
+            "ipcache": {str(net): n for net, n in sorted(self.identities.items(), key=lambda kv: _netkey(kv[0]))},
             "rules": dict(sorted(self.rule_ids.items(), key=lambda kv: kv[1])),
-            "entries": [{
-                "local": e.local_id,
-                "remote": "any" if e.remote_id == ANY else e.remote_id,
-                "direction": Direction(e.direction).name.lower(),
-                "ports": _ports_text(e.proto, e.port_lo, e.port_hi),
-                "action": Verdict(e.action).name.lower(),
-                "rule": names.get(e.rule_id, e.rule_id),
-            } for e in self.entries],
+            # One line per entry: local, remote, direction, ports, action, rule.
+            "entries": [f"{e.local_id} {'any' if e.remote_id == ANY else e.remote_id} "
+                        f"{Direction(e.direction).name.lower()} {_ports_text(e.proto, e.port_lo, e.port_hi)} "
+                        f"{Verdict(e.action).name.lower()} {names.get(e.rule_id, e.rule_id)}"
+                        for e in self.entries],
             "next_change": self.next_change.isoformat() if self.next_change else None,
         }
 

@@ -416,7 +416,8 @@ def _parse_test(p: Problems, raw, path: tuple, where: Where, index: int) -> Poli
     if None in (ends.get("from"), ends.get("to"), expect, port):
         return None
     proto, dport = port.proto, (0 if port.lo == 0 else port.lo)
-    name = raw.get("name") if isinstance(raw.get("name"), str) else f"test {index + 1}"
+    name = raw.get("name") if isinstance(raw.get("name"), str) else \
+        f"{ends['from']} -> {ends['to']} {port.text()} is {raw['expect']}"
     return PolicyTest(name, ends["from"], ends["to"], proto, dport, expect, where.at(path))
 
 
