@@ -60,6 +60,27 @@ class Lab:
             _ip("-n", ns, "link", "set", ifname, "up")
         return if_a, if_b
 
+    def switch(self, name: str = "fabric") -> str:
+        """A namespace holding a bridge, br0: an L2 segment for plug()."""
+        ns = self.ns(name)
+        _ip("-n", ns, "link", "add", "br0", "type", "bridge")
+        _ip("-n", ns, "link", "set", "br0", "up")
+        return ns
+
+    def plug(self, switch_ns: str, ns: str, addrs: list[str]) -> str:
+        """A veth from namespace ns into the switch's bridge; returns the
+        interface name inside ns."""
+        self._links += 1
+        inner, outer = f"{self.prefix}p{self._links}", f"{self.prefix}s{self._links}"
+        _ip("link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns", switch_ns)
+        _ip("-n", switch_ns, "link", "set", outer, "master", "br0")
+        _ip("-n", switch_ns, "link", "set", outer, "up")
+        for addr in addrs:
+            extra = ["nodad"] if ":" in addr else []
+            _ip("-n", ns, "addr", "add", addr, "dev", inner, *extra)
+        _ip("-n", ns, "link", "set", inner, "up")
+        return inner
+
     def run(self, ns: str, cmd: list[str], timeout: float = 30, check: bool = False,
             **kw) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
