@@ -30,6 +30,7 @@ from loader.tables import PolicyEntry
 
 ANY, HOST, WORLD = ReservedIdentity.ANY, ReservedIdentity.HOST, ReservedIdentity.WORLD
 RESERVED_LABELS = {ANY: "reserved:any", HOST: "reserved:host", WORLD: "reserved:world"}
+_WORLD_KEY = "reserved:world"
 
 
 @dataclasses.dataclass
@@ -112,6 +113,7 @@ class Compiler:
         # the same policy the same way every time.
         self._numbers = {key: self.ids.number(key) for key in sorted(self._universe)}
         self.rule_ids = {r.name: self.rules.number(r.name) for r in policy.rules}
+        self._cidr_parents = self._nest_cidrs()
 
     # -- the identities that exist ----------------------------------------------
 
@@ -147,6 +149,22 @@ class Compiler:
                 if peer.kind == "cidr" and peer.cidr not in claimed:
                     add({"kind": "cidr", "cidr": str(peer.cidr)}, [peer.cidr], peer.where)
         return universe
+
+    def _nest_cidrs(self) -> dict[str, str]:
+        """Each CIDR a rule named (kind=cidr) -> the identity it was carved
+        out of: the most specific network or other named CIDR holding it, or
+        the world when the inventory knows nothing around it."""
+        blocks = [(key, p) for key, ident in self._universe.items()
+                  if ident.labels.get("kind") in ("network", "cidr") for p in ident.prefixes]
+        parents = {}
+        for key, ident in self._universe.items():
+            if ident.labels.get("kind") != "cidr" or not ident.prefixes:
+                continue
+            mine = ident.prefixes[0]
+            around = [(p.prefixlen, other) for other, p in blocks
+                      if other != key and p.version == mine.version and p != mine and mine.subnet_of(p)]
+            parents[key] = max(around)[1] if around else _WORLD_KEY
+        return parents
 
     # -- one host ------------------------------------------------------------------
 
@@ -186,8 +204,13 @@ class Compiler:
     def _resolve_all(self, rule: Rule, peers, labels: dict, numbers: dict, warnings: list) -> set[int]:
         out: set[int] = set()
         for peer in peers:
-            got = self._resolve(peer, labels, numbers)
+            got = self._within(self._resolve(peer, labels, numbers), numbers)
             if rule.posture is not None:
+                if ANY in got:
+                    # "Anyone, on a device in this posture": the wildcard cannot
+                    # exclude users, so spell out every identity that passes,
+                    # and the world (which has no device to judge).
+                    got = {n for n in labels if n != ANY} | {WORLD}
                 got = {n for n in got if self._posture_ok(rule.posture, labels.get(n))}
             if not got:
                 warnings.append(f"{peer.where}: rule {rule.name!r}: {peer.describe()} matches no identity")
@@ -201,6 +224,21 @@ class Compiler:
             return True
         device = Selector(tuple(Requirement(f"device.{r.label}", r.op, r.values) for r in posture.requirements))
         return device.matches(labels)
+
+    def _within(self, got: set[int], numbers: dict) -> set[int]:
+        """Adds the CIDRs rules name that lie inside what got selected.
+
+        Addresses take the identity of their longest prefix, so naming
+        10.80.0.192/26 in one rule gives those addresses an identity of their
+        own, carved out of the named network (or the world) they sit in. They
+        still belong there: whatever selects the enclosing network, the world
+        or an enclosing CIDR selects them too."""
+        def ancestors(key):
+            while key in self._cidr_parents:
+                key = self._cidr_parents[key]
+                yield WORLD if key == _WORLD_KEY else numbers[key]
+
+        return got | {numbers[key] for key in self._cidr_parents if any(a in got for a in ancestors(key))}
 
     def _resolve(self, peer: Peer, labels: dict, numbers: dict) -> set[int]:
         if peer.kind == "entity":
@@ -238,4 +276,5 @@ class Compiler:
         for r in self.policy.rules:
             times += [t for t in (r.not_before, r.not_after) if t is not None and t > self.now]
         times += [s.expires for s in self.inventory.sessions if s.expires is not None and s.expires > self.now]
-        return min(times, default=None)
+        first = min(times, default=None)
+        return first.astimezone(dt.timezone.utc) if first else None

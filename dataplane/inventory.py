@@ -57,7 +57,9 @@ class Session:
     where: str
 
     def identity_labels(self) -> dict:
-        labels = {"kind": "user", "user": self.user, "group": frozenset(self.groups)}
+        labels = {"kind": "user", "user": self.user}
+        if self.groups:
+            labels["group"] = frozenset(self.groups)
         labels.update({f"device.{k}": v for k, v in self.device.items()})
         return labels
 
@@ -140,7 +142,7 @@ def _name(p: Problems, raw: dict, path: tuple, what: str, seen: dict, where: Whe
 
 def parse_inventory(data, where: Where) -> Inventory:
     p = Problems(where)
-    data = expect_map(p, data, (), "the inventory", {"apiVersion": True, "kind": False, "hosts": False,
+    data = expect_map(p, data, (), "the inventory", {"apiVersion": False, "kind": False, "hosts": False,
                                                      "endpoints": False, "sessions": False, "networks": False})
     if data is None:
         p.raise_if_any()
@@ -185,8 +187,13 @@ def parse_inventory(data, where: Where) -> Inventory:
         if raw is None:
             continue
         user = expect_str(p, raw.get("user"), path + ("user",), "session user") if "user" in raw else None
-        groups = tuple(sorted(str(g) for g in expect_list(p, raw.get("groups", []), path + ("groups",), "groups",
-                                                           allow_empty=True)))
+        groups = []
+        for j, g in enumerate(expect_list(p, raw.get("groups", []), path + ("groups",), "groups", allow_empty=True)):
+            if isinstance(g, (dict, list)) or g is None or isinstance(g, bool):
+                p.add(path + ("groups", j), f"a group is a name, not {g!r}")
+            else:
+                groups.append(str(g))
+        groups = tuple(sorted(set(groups)))
         device = {}
         if "device" in raw:
             dev = raw["device"]

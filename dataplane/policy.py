@@ -271,19 +271,25 @@ def parse_ports(p: Problems, value, path: tuple) -> tuple[PortRange, ...]:
             out.append(PortRange(proto, 0, 65535))
             continue
         if not _is_port(port):
-            p.add(ip + ("port",), f"port {port!r} is out of range (1-65535)")
+            p.add(ip + ("port",), _port_problem("port", port))
             continue
         if end is None:
             out.append(PortRange(proto, port, port))
             continue
         if not _is_port(end):
-            p.add(ip + ("endPort",), f"endPort {end!r} is out of range (1-65535)")
+            p.add(ip + ("endPort",), _port_problem("endPort", end))
             continue
         if end < port:
             p.add(ip + ("endPort",), f"endPort {end} is below port {port}")
             continue
         out.append(PortRange(proto, port, end))
     return tuple(out)
+
+
+def _port_problem(field: str, v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{field} {v} is out of range (1-65535)"
+    return f"{field} must be a number 1-65535, not {v!r}"
 
 
 def _is_port(v) -> bool:
@@ -312,12 +318,12 @@ def parse_port_text(text: str) -> PortRange | str:
         return PortRange(proto, 0, 65535)
     if proto == 0:
         return f"{text!r}: a port needs a protocol"
-    lo_text, _, hi_text = ports.partition("-")
+    lo_text, dash, hi_text = ports.partition("-")
     try:
         lo = int(lo_text)
-        hi = int(hi_text) if hi_text else lo
+        hi = int(hi_text) if dash else lo
     except ValueError:
-        return f"{text!r}: ports must be numbers"
+        return f"{text!r}: ports must be numbers, as in tcp/443 or udp/1000-2000"
     if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
         return f"{text!r}: port out of range (1-65535)"
     if hi < lo:
@@ -441,7 +447,7 @@ def _endpoint_ref(p: Problems, value, path: tuple) -> str | None:
 
 def parse_policy(data, where: Where) -> Policy:
     p = Problems(where)
-    data = expect_map(p, data, (), "the policy", {"apiVersion": True, "kind": False, "metadata": False,
+    data = expect_map(p, data, (), "the policy", {"apiVersion": False, "kind": False, "metadata": False,
                                                   "mode": False, "rules": True, "tests": False})
     if data is None:
         p.raise_if_any()

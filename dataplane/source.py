@@ -83,17 +83,30 @@ def _scalar(node: yaml.ScalarNode):
 def load(path: str | Path) -> tuple[object, Where]:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SourceError([f"{path}: no such file"]) from None
     except OSError as e:
         raise SourceError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SourceError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})"]) from None
     return loads(text, str(path))
 
 
 def loads(text: str, name: str) -> tuple[object, Where]:
+    if text.lstrip()[:1] in ("{", "["):
+        # JSON: tabs may only be whitespace there (a string cannot hold a raw
+        # tab), but YAML refuses them as indentation. Same lines either way.
+        text = text.replace("\t", " ")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as e:
+        line = text[:e.position].count("\n") + 1
+        raise SourceError([f"{name}:{line}: not valid YAML or JSON: unacceptable character "
+                           f"#x{e.character if isinstance(e.character, int) else ord(e.character):04x}"]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
