@@ -18,7 +18,6 @@ check held.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
