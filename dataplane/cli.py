@@ -168,7 +168,7 @@ def _edit_ipcache(dp, edit) -> None:
 
     live = tables.active_generation(dp)
     for gen in (live, 1 - live):
-        current = tables.read_identities(dp, gen)
+        current = tables.read_ipcache(dp, gen)
         tables.sync_identities(dp, edit(dict(current)), current, gen=gen)
 
 

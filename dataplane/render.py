@@ -41,7 +41,10 @@ def rows_for(attr: str, dp, limit: int | None = None) -> list[dict]:
         for k, v in m.items():
             if k.gen != live:
                 continue
-            rows.append({"prefix": str(abi.ip_key_network(k, lpm)), "identity": v.identity})
+            row = {"prefix": str(abi.ip_key_network(k, lpm)), "identity": v.identity}
+            if v.expires_s:
+                row["expires_in_s"] = v.expires_s - tables.monotonic_seconds()
+            rows.append(row)
             if done():
                 break
         rows.sort(key=lambda r: r["prefix"])

@@ -151,7 +151,7 @@ class IpKey(_Struct):
 
 
 class IpVal(_Struct):
-    _fields_ = [("identity", u32), ("flags", u32)]
+    _fields_ = [("identity", u32), ("expires_s", u32)]
 
 
 class Plen(_Struct):
@@ -186,7 +186,7 @@ class CtKey(_Struct):
 
 class CtVal(_Struct):
     _fields_ = [("last_seen_ns", u64), ("epoch", u32), ("rule_id", u32), ("local_id", u32),
-                ("remote_id", u32), ("verdict", u8), ("flags", u8), ("pad", u8 * 6)]
+                ("remote_id", u32), ("verdict", u8), ("flags", u8), ("pad", u8 * 2), ("expires_s", u32)]
 
 
 class FragKey(_Struct):

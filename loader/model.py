@@ -50,7 +50,10 @@ class Model:
         """The live generation's state."""
         gen = tables.active_generation(dp)
         policy, cur = tables.read_policy(dp, gen)
-        return cls(tables.read_identities(dp, gen), policy, cur["sets"], tables.live_audit_default(dp))
+        now = tables.monotonic_seconds()
+        live = {n: ident for n, (ident, expires) in tables.read_ipcache(dp, gen).items()
+                if not expires or now < expires}
+        return cls(live, policy, cur["sets"], tables.live_audit_default(dp))
 
     def identity_of(self, ip) -> int:
         ip = ipaddress.ip_address(ip)

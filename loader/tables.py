@@ -74,10 +74,22 @@ def _gen(dp, gen: int | None) -> int:
     return active_generation(dp) if gen is None else gen
 
 
+def read_ipcache(dp, gen: int | None = None) -> dict[abi.IpNetwork, tuple[int, int]]:
+    """network -> (identity, expires_s) in one generation (default: the live one)."""
+    gen, lpm = _gen(dp, gen), _is_lpm(dp)
+    return {abi.ip_key_network(k, lpm): (v.identity, v.expires_s) for k, v in dp.ipcache.items() if k.gen == gen}
+
+
 def read_identities(dp, gen: int | None = None) -> dict[abi.IpNetwork, int]:
     """network -> identity in one generation (default: the live one)."""
-    gen, lpm = _gen(dp, gen), _is_lpm(dp)
-    return {abi.ip_key_network(k, lpm): v.identity for k, v in dp.ipcache.items() if k.gen == gen}
+    return {n: ident for n, (ident, _) in read_ipcache(dp, gen).items()}
+
+
+def monotonic_seconds() -> int:
+    """The clock the datapath compares expiries with (CLOCK_MONOTONIC)."""
+    import time
+
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC))
 
 
 def _is_lpm(dp) -> bool:
@@ -85,24 +97,31 @@ def _is_lpm(dp) -> bool:
 
 
 def _normalize_identities(wanted: Mapping) -> dict:
-    out = {ipaddress.ip_network(n): int(i) for n, i in wanted.items()}
-    for net, ident in out.items():
+    """network -> (identity, expires_s); values may be an identity alone
+    (never expires) or an (identity, expires_s) pair."""
+    out = {}
+    for n, v in wanted.items():
+        ident, expires = (v, 0) if isinstance(v, int) else (int(v[0]), int(v[1]))
+        net = ipaddress.ip_network(n)
         if ident == abi.ReservedIdentity.ANY:
             raise MapError(f"{net}: identity 0 is the policy wildcard and cannot name an address")
+        out[net] = (int(ident), expires)
     return out
 
 
 def sync_identities(dp, wanted: Mapping, current: Mapping | None = None, gen: int | None = None) -> dict:
     """Makes one generation (default: the live one) of the ipcache hold
-    exactly `wanted` (network -> identity). Returns counts of what changed."""
+    exactly `wanted` (network -> identity, or -> (identity, expires_s) for
+    entries that stop counting at a CLOCK_MONOTONIC second). Returns counts
+    of what changed."""
     gen, lpm = _gen(dp, gen), _is_lpm(dp)
     wanted = _normalize_identities(wanted)
-    current = read_identities(dp, gen) if current is None else dict(current)
+    current = read_ipcache(dp, gen) if current is None else _normalize_identities(current)
     if len(wanted) > dp.ipcache.max_entries // 2:
         raise MapError(f"dp_ipcache_v1 is full: {len(wanted)} prefixes wanted, room for "
                        f"{dp.ipcache.max_entries // 2} per generation")
-    upserts = [(abi.ip_key(n, lpm, gen), abi.IpVal(identity=i))
-               for n, i in sorted(wanted.items(), key=lambda kv: _netkey(kv[0])) if current.get(n) != i]
+    upserts = [(abi.ip_key(n, lpm, gen), abi.IpVal(identity=v[0], expires_s=v[1]))
+               for n, v in sorted(wanted.items(), key=lambda kv: _netkey(kv[0])) if current.get(n) != v]
     removed = [n for n in current if n not in wanted]
     if upserts:
         dp.ipcache.update_batch(upserts)

@@ -128,7 +128,8 @@ struct dp_ip_key {
 /* ipcache value. Written by the loader, read by every hook. */
 struct dp_ip_val {
 	__u32 identity;
-	__u32 flags;		/* reserved, zero */
+	__u32 expires_s;	/* CLOCK_MONOTONIC seconds after which the entry no longer
+				 * counts (a user session's end); 0: never */
 };
 
 /* One prefix length present in the ipcache, with its mask precomputed so
@@ -200,7 +201,7 @@ struct dp_ct_key {
 };
 
 /* Conntrack value. epoch is dp_config.epoch when the flow was last judged;
- * a different current epoch makes the entry stale. */
+ * a different current epoch, or passing expires_s, makes the entry stale. */
 struct dp_ct_val {
 	__u64 last_seen_ns;	/* bpf_ktime_get_coarse_ns(), refreshed at most once a second */
 	__u32 epoch;
@@ -209,7 +210,8 @@ struct dp_ct_val {
 	__u32 remote_id;
 	__u8 verdict;		/* ALLOW or AUDIT */
 	__u8 flags;		/* DP_CT_* */
-	__u8 pad[6];
+	__u8 pad[2];
+	__u32 expires_s;	/* earliest expiry of the identities it was judged with; 0: never */
 };
 
 /* Fragment tracking key: one IP datagram. Written and read by hooks. */

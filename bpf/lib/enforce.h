@@ -31,8 +31,13 @@ static __always_inline void dp_judge(const struct dp_tuple *t, __u8 dir, struct 
 	__u8 gen = g ? g->active & 1 : 0;
 	__u32 gen_flags = g ? g->flags : 0;
 
-	res->local_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->daddr : t->saddr, gen);
-	res->remote_id = dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->saddr : t->daddr, gen);
+	dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->daddr : t->saddr, gen, &res->now_s,
+		       &res->local_id, &res->local_exp);
+	dp_identity_of(t->family, dir == DP_DIR_INGRESS ? t->saddr : t->daddr, gen, &res->now_s,
+		       &res->remote_id, &res->remote_exp);
+	res->expires_s = res->local_exp;
+	if (res->remote_exp && (!res->expires_s || res->remote_exp < res->expires_s))
+		res->expires_s = res->remote_exp;
 	dp_policy_decide(res->local_id, res->remote_id, dir, t->proto, dp_ntohs(t->dport), gen, gen_flags, d);
 	res->dir = dir;
 	res->rule_id = d->rule_id;
@@ -103,6 +108,7 @@ static __always_inline void dp_ct_admit(struct dp_ct_key *ck, int src_is_a, __u3
 	v.local_id = res->local_id;
 	v.remote_id = res->remote_id;
 	v.verdict = res->verdict;
+	v.expires_s = res->expires_s;
 	v.flags = (src_is_a ? DP_CT_INIT_IS_A : 0) | (res->dir == DP_DIR_EGRESS ? DP_CT_INIT_EGRESS : 0);
 	if (dp_ct_v1.update(ck, &v) == 0)
 		dp_stat_inc(DP_STAT_CT_CREATED);
@@ -142,6 +148,7 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 	int kind = DP_JUDGE_NEW;
 
 	res->dir = dir;
+	res->now_s = now / DP_NS_PER_SEC;
 	if (p->frag == DP_FRAG_LATER) {
 		dp_follow_fragment(p, now, res);
 		return;
@@ -160,7 +167,8 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 	if (ct && p->echo && from_initiator != (p->echo == DP_ECHO_REQUEST))
 		ct = NULL;
 
-	if (ct && ct->epoch == cfg->epoch) {
+	/* Current epoch and no identity of the flow past its expiry. */
+	if (ct && ct->epoch == cfg->epoch && !(ct->expires_s && res->now_s >= ct->expires_s)) {
 		res->rule_id = ct->rule_id;
 		res->local_id = ct->local_id;
 		res->remote_id = ct->remote_id;
@@ -209,6 +217,7 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 			ct->verdict = res->verdict;
 			ct->local_id = res->local_id;
 			ct->remote_id = res->remote_id;
+			ct->expires_s = res->expires_s;
 			dp_ct_touch(ct, p, now);
 		}
 		res->reason = p->icmp_error ? DP_PASS_RELATED : DP_PASS_REJUDGED;

@@ -19,6 +19,10 @@ struct dp_result {
 	__u8 dir;		/* enum dp_direction of the judgement */
 	__u8 has_rule;		/* a policy or conntrack decision: count rule_id */
 	__u8 judged;		/* the policy was consulted for this packet */
+	__u32 expires_s;	/* earliest expiry of the identities judged; 0: never */
+	__u32 local_exp;	/* expiries of each side's ipcache entry, as found */
+	__u32 remote_exp;
+	__u32 now_s;		/* CLOCK_MONOTONIC seconds, compared with expiries */
 };
 
 static __always_inline void dp_emit(const struct dp_pkt *p, const struct dp_result *res, __u8 hook,

@@ -17,12 +17,25 @@
 #include "maps.h"
 #include "parse.h"
 
+/* An entry past its expiry (a session that has ended) does not count: the
+ * address is the world until the ipcache is rewritten. */
+static __always_inline void dp_expire(const __u32 *now_s, __u32 *identity, __u32 *expires_s)
+{
+	if (*expires_s && *now_s >= *expires_s) {
+		*identity = DP_ID_WORLD;
+		*expires_s = 0;
+	}
+}
+
 #ifdef DP_IDENTITY_LPM
 
-static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr, __u8 gen)
+static __always_inline void dp_identity_of(__u8 family, const __be32 *addr, __u8 gen, const __u32 *now_s,
+					   __u32 *identity, __u32 *expires_s)
 {
 	struct dp_ip_key k = {};
 
+	*identity = DP_ID_WORLD;
+	*expires_s = 0;
 	k.family = family;
 	k.gen = gen;
 	k.prefixlen = 32 + (family == DP_FAMILY_IPV4 ? 32 : 128);	/* family, gen, pad: exact */
@@ -33,19 +46,29 @@ static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr, __u
 		k.addr[3] = addr[3];
 	}
 	struct dp_ip_val *v = dp_ipcache_v1.lookup(&k);
-	return v ? v->identity : DP_ID_WORLD;
+	if (v) {
+		*identity = v->identity;
+		*expires_s = v->expires_s;
+	}
+	dp_expire(now_s, identity, expires_s);
 }
 
 #else /* DP_IDENTITY_HASH */
 
 /* IPv4 addresses have zero words 1-3 (struct dp_tuple), so one loop serves
- * both families. */
-static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr, __u8 gen)
+ * both families. The results go to *identity and *expires_s, and now_s is
+ * read from there too: all point into the per-CPU scratch value, so that
+ * the loop's exits leave the verifier nothing different to track. */
+static __always_inline void dp_identity_of(__u8 family, const __be32 *addr, __u8 gen, const __u32 *now_s,
+					   __u32 *identity, __u32 *expires_s)
 {
 	__u32 slot = gen * 2 + (family == DP_FAMILY_IPV6);
+
+	*identity = DP_ID_WORLD;
+	*expires_s = 0;
 	struct dp_plens *pl = dp_plens_v1.lookup(&slot);
 	if (!pl)
-		return DP_ID_WORLD;
+		return;
 
 	struct dp_ip_key k = { .family = family, .gen = gen };
 	__u32 n = pl->count;
@@ -58,10 +81,13 @@ static __always_inline __u32 dp_identity_of(__u8 family, const __be32 *addr, __u
 		k.addr[2] = addr[2] & pl->e[i].mask[2];
 		k.addr[3] = addr[3] & pl->e[i].mask[3];
 		struct dp_ip_val *v = dp_ipcache_v1.lookup(&k);
-		if (v)
-			return v->identity;
+		if (v) {
+			*identity = v->identity;
+			*expires_s = v->expires_s;
+			break;
+		}
 	}
-	return DP_ID_WORLD;
+	dp_expire(now_s, identity, expires_s);
 }
 
 #endif
