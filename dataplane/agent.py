@@ -93,11 +93,12 @@ def apply_compiled(dp, state: CompiledState, ws: Workspace, sources: dict | None
     """Capacity check, then one atomic switch to the compiled state, then the
     record of what is in force. Numbers are saved before the maps change, so
     a crash never leaves the maps using numbers the workspace forgot."""
-    problems = tables.check_capacity(dp, state.identities, state.entries)
+    identities = state.ipcache()
+    problems = tables.check_capacity(dp, identities, state.entries)
     if problems:
         raise CapacityError("the policy does not fit in the datapath, nothing was changed: " + "; ".join(problems))
     ws.save_numbers()
-    result = tables.apply_state(dp, state.identities, state.entries, audit_default=state.audit_default)
+    result = tables.apply_state(dp, identities, state.entries, audit_default=state.audit_default)
     ws.write_applied({
         "host": state.host,
         "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -44,6 +44,7 @@ class CompiledState:
     locals: list                  # identity numbers local to this host
     warnings: list
     next_change: dt.datetime | None
+    expiries: dict = dataclasses.field(default_factory=dict)   # network -> when its entry ends (sessions)
 
     def rule_names(self) -> dict:
         return {v: k for k, v in self.rule_ids.items()}
@@ -67,7 +68,25 @@ class CompiledState:
                         f"{Verdict(e.action).name.lower()} {names.get(e.rule_id, e.rule_id)}"
                         for e in self.entries],
             "next_change": self.next_change.isoformat() if self.next_change else None,
+            **({"expires": {str(net): t.astimezone(dt.timezone.utc).isoformat()
+                            for net, t in sorted(self.expiries.items(), key=lambda kv: _netkey(kv[0]))}}
+               if self.expiries else {}),
         }
+
+    def ipcache(self, wall_now: dt.datetime | None = None, mono_now: int | None = None) -> dict:
+        """The ipcache content for loader.tables: network -> identity, or ->
+        (identity, expires_s) where a session ends, its end converted to the
+        CLOCK_MONOTONIC seconds the datapath compares with."""
+        import math
+
+        from loader.tables import monotonic_seconds
+
+        wall_now = wall_now or dt.datetime.now(dt.timezone.utc)
+        mono_now = monotonic_seconds() if mono_now is None else mono_now
+        out = dict(self.identities)
+        for net, t in self.expiries.items():
+            out[net] = (out[net], max(1, mono_now + math.ceil((t - wall_now).total_seconds())))
+        return out
 
     def to_json_text(self) -> str:
         return json.dumps(self.to_json(), indent=1) + "\n"
@@ -95,6 +114,7 @@ class _Identity:
     labels: dict
     prefixes: list
     origin: str                   # where it came from, for messages
+    expires: dt.datetime | None = None
 
 
 class Compiler:
@@ -122,7 +142,9 @@ class Compiler:
         claimed: dict = {}
         self.universe_warnings: list[str] = []
 
-        def add(labels: dict, prefixes, origin: str) -> None:
+        self._expiries: dict = {}
+
+        def add(labels: dict, prefixes, origin: str, expires: dt.datetime | None = None) -> None:
             key = canonical(labels)
             ident = universe.setdefault(key, _Identity(labels, [], origin))
             for net in prefixes:
@@ -133,6 +155,8 @@ class Compiler:
                 if net not in claimed:
                     claimed[net] = key
                     ident.prefixes.append(net)
+                    if expires is not None:
+                        self._expiries[net] = expires
 
         inv = self.inventory
         for h in inv.hosts:
@@ -141,7 +165,7 @@ class Compiler:
             add(e.identity_labels(), [_host_prefix(a) for a in e.addresses], e.where)
         for s in inv.sessions:
             if s.live_at(self.now):
-                add(s.identity_labels(), [_host_prefix(a) for a in s.addresses], s.where)
+                add(s.identity_labels(), [_host_prefix(a) for a in s.addresses], s.where, s.expires)
         for n in inv.networks:
             add(n.identity_labels(), list(n.cidrs), n.where)
         for rule in self.policy.rules:
@@ -199,6 +223,7 @@ class Compiler:
             locals=sorted(locals_),
             warnings=warnings,
             next_change=self._next_change(),
+            expiries=dict(self._expiries),
         )
 
     def _resolve_all(self, rule: Rule, peers, labels: dict, numbers: dict, warnings: list) -> set[int]:
