@@ -194,6 +194,13 @@ class Agent:
                  f"; next change at {state.next_change.isoformat()}" if state.next_change else "")
         return True
 
+    def status(self) -> dict:
+        record = self.ws.read_applied() or {}
+        counts = record.get("counts", {})
+        return {"host": self.host, "mode": "standalone", "entries": counts.get("entries", 0),
+                "prefixes": counts.get("prefixes", 0), "applied_at": record.get("applied_at", ""),
+                "connected": False}
+
     def run(self) -> None:
         signal.signal(signal.SIGHUP, lambda *_: self._wake.set())
         signal.signal(signal.SIGTERM, lambda *_: self.stop())

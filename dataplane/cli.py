@@ -414,23 +414,235 @@ def cmd_bpf_policy_list(args) -> int:
     return 0
 
 
+# --- controller and fleet ------------------------------------------------------------
+
+DEFAULT_CONTROLLER = os.environ.get("DATAPLANE_CONTROLLER", "127.0.0.1:7443")
+DEFAULT_TLS_DIR = os.environ.get("DATAPLANE_TLS_DIR", "/etc/dataplane/pki")
+
+
+def _tls(args, stem: str):
+    """Credentials for stem (controller, agent-HOST, admin-NAME), or None with --insecure."""
+    from dataplane import certs
+
+    if getattr(args, "insecure", False):
+        logging.getLogger("dataplane").warning("--insecure: plaintext gRPC, no client authentication")
+        return None
+    return certs.Credentials(args.tls_dir, stem)
+
+
+def _admin_call(args, method: str, request):
+    """Calls an admin RPC on the first controller that answers; writes go on
+    to the next controller when one says it is not the leader."""
+    import grpc
+
+    from dataplane.fleet_agent import channel_to
+    from dataplane.v1 import controller_pb2_grpc as pb_grpc
+
+    tls = _tls(args, f"admin-{args.as_admin}")
+    last = None
+    for address in args.controller.split(","):
+        with channel_to(address, tls) as channel:
+            try:
+                return getattr(pb_grpc.ControllerStub(channel), method)(request, timeout=args.timeout)
+            except grpc.RpcError as e:
+                last = e
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    continue
+                break
+    code = last.code().name if last else "UNAVAILABLE"
+    details = last.details() if last else "no controller"
+    raise DataplaneError(f"{method}: {code}: {details}")
+
+
+def cmd_controller(args) -> int:
+    from dataplane import controller
+    from dataplane.store import open_store
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    tls = _tls(args, "controller")
+    store = open_store(args.store)
+    controller.run(store, args.name or args.listen, args.listen, tls)
+    return 0
+
+
+def cmd_certs_init(args) -> int:
+    from dataplane import certs
+
+    split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
+    written = certs.init(args.dir, split(args.controller), split(args.agent), split(args.admin))
+    print(f"{args.dir}: " + ", ".join(written))
+    return 0
+
+
+def cmd_policy_push(args) -> int:
+    from dataplane.v1 import controller_pb2 as pb
+
+    text = open(args.policy).read()
+    r = _admin_call(args, "ApplyPolicy", pb.ApplyPolicyRequest(text=text, comment=args.comment or args.policy,
+                                                                expected_revision=args.expect_revision or 0))
+    for w in r.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"policy revision {r.revision.number} active ({r.revision.rules} rules); state revision {r.state_revision}")
+    return 0
+
+
+def cmd_policy_revisions(args) -> int:
+    from dataplane.render import print_rows
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "ListPolicies", pb.ListPoliciesRequest())
+    print_rows([{"revision": x.number, "active": x.active, "created": x.created_at, "rules": x.rules,
+                 "digest": x.digest, "comment": x.comment} for x in r.revisions], args.output)
+    return 0
+
+
+def cmd_policy_get(args) -> int:
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "GetPolicy", pb.GetPolicyRequest(number=args.number or 0))
+    sys.stdout.write(r.text if r.text.endswith("\n") else r.text + "\n")
+    return 0
+
+
+def cmd_policy_rollback(args) -> int:
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "RollbackPolicy", pb.RollbackRequest(number=args.number))
+    print(f"policy revision {r.revision.number} active (the text of revision {args.number}); "
+          f"state revision {r.state_revision}")
+    return 0
+
+
+def cmd_inventory_push(args) -> int:
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "ApplyInventory", pb.ApplyInventoryRequest(text=open(args.inventory).read()))
+    print(f"inventory applied; state revision {r.state_revision}")
+    return 0
+
+
+def _pairs(items) -> dict:
+    out = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise DataplaneError(f"{item!r}: want KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _session_rows(sessions) -> list[dict]:
+    return [{"id": x.id, "user": x.user, "groups": list(x.groups), "addresses": list(x.addresses),
+             "device": dict(x.device), "expires": x.expires or "-", "opened": x.opened_at} for x in sessions]
+
+
+def cmd_session_open(args) -> int:
+    from dataplane.v1 import controller_pb2 as pb
+
+    device = _pairs(args.posture)
+    if args.device:
+        device["id"] = args.device
+    r = _admin_call(args, "OpenSession", pb.OpenSessionRequest(session=pb.Session(
+        id=args.id or "", user=args.user, groups=args.group or [], device=device, addresses=args.address,
+        expires=args.expires or "", host=args.host or "")))
+    print(f"session {r.session.id} open; state revision {r.state_revision}")
+    return 0
+
+
+def cmd_session_posture(args) -> int:
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "UpdatePosture", pb.UpdatePostureRequest(id=args.id, device=_pairs(args.posture)))
+    print(f"session {r.session.id}: posture updated; state revision {r.state_revision}")
+    return 0
+
+
+def cmd_session_revoke(args) -> int:
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "RevokeSession", pb.RevokeSessionRequest(id=args.id))
+    print(f"session {r.session.id} revoked; state revision {r.state_revision}: its connections are cut on every host")
+    return 0
+
+
+def cmd_session_list(args) -> int:
+    from dataplane.render import print_rows
+    from dataplane.v1 import controller_pb2 as pb
+
+    print_rows(_session_rows(_admin_call(args, "ListSessions", pb.ListSessionsRequest()).sessions), args.output)
+    return 0
+
+
+def cmd_fleet_status(args) -> int:
+    from dataplane.render import print_rows
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "FleetStatus", pb.FleetStatusRequest())
+    if args.output == "json":
+        from google.protobuf import json_format
+
+        print(json_format.MessageToJson(r, always_print_fields_with_no_presence=True))
+        return 0
+    print(f"controller {r.controller} ({'leader' if r.leader else 'follower'}), state revision {r.revision}, "
+          f"policy revision {r.policy_revision}")
+    print_rows([{"host": a.host, "connected": a.connected, "applied": a.applied_revision, "lag": a.lag,
+                 "controller": a.controller or "-", "apply_ms": round(a.apply_ms, 1), "last_seen": a.last_seen,
+                 "error": a.error} for a in r.agents], "table")
+    return 0
+
+
+def cmd_fleet_endpoints(args) -> int:
+    from dataplane.render import print_rows
+    from dataplane.v1 import controller_pb2 as pb
+
+    r = _admin_call(args, "ListEndpoints", pb.ListEndpointsRequest())
+    print_rows([{"name": e.name, "host": e.host, "addresses": list(e.addresses), "labels": dict(e.labels),
+                 "source": e.source} for e in r.endpoints], args.output)
+    return 0
+
+
 # --- agent -----------------------------------------------------------------------
 
 def cmd_agent(args) -> int:
-    from dataplane.agent import Agent, AgentOptions
+    from dataplane.agent import Agent, AgentOptions, default_host
+    from dataplane.agent_server import serve_status
+    from loader.attach import ifindex_of
     from loader.instance import Datapath, check_privileges
 
+    if args.controller and (args.policy or args.inventory):
+        raise DataplaneError("--controller (fleet mode) or --policy/--inventory (standalone), not both")
+    if not args.controller and not (args.policy and args.inventory):
+        raise DataplaneError("standalone mode needs --policy and --inventory; fleet mode needs --controller")
     check_privileges()
-    from loader.attach import ifindex_of
-
     for ifname in args.interface:
         ifindex_of(ifname, args.netns)
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    agent = Agent(Datapath(args.instance), AgentOptions(
+    dp = Datapath(args.instance)
+    if args.controller:
+        import signal
+
+        from dataplane.fleet_agent import FleetAgent, FleetOptions, load_endpoints
+
+        host = args.host or default_host()
+        agent = FleetAgent(dp, FleetOptions(
+            controllers=args.controller.split(","), host=host, tls=_tls(args, f"agent-{host}"),
+            interfaces=args.interface, netns=args.netns, ingress=args.ingress, state_dir=args.state_dir,
+            endpoints=load_endpoints(args.endpoints) if args.endpoints else [], addresses=args.address or []))
+        agent.start()
+        server = serve_status(args.instance, agent.status)
+        signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+        signal.signal(signal.SIGINT, lambda *_: agent.stop())
+        agent.run()
+        server.stop(0)
+        logging.getLogger("dataplane.agent").info("stopping; the datapath keeps enforcing the last applied state")
+        return 0
+    agent = Agent(dp, AgentOptions(
         policy=args.policy, inventory=args.inventory, interfaces=args.interface, netns=args.netns,
         host=args.host, ingress=args.ingress, state_dir=args.state_dir))
     agent.start()
+    server = serve_status(args.instance, agent.status)
     agent.run()
+    server.stop(0)
     return 0
 
 
@@ -570,9 +782,15 @@ def build_parser() -> argparse.ArgumentParser:
     _output(p)
     p.set_defaults(func=cmd_identity_list)
 
-    ag = nouns.add_parser("agent", help="enforce a policy from files on this host, re-applying on change")
-    ag.add_argument("--policy", required=True)
-    ag.add_argument("--inventory", required=True)
+    ag = nouns.add_parser("agent", help="enforce on this host: from files (standalone) or from a controller")
+    ag.add_argument("--policy", help="standalone: the policy file")
+    ag.add_argument("--inventory", help="standalone: the inventory file")
+    ag.add_argument("--controller", help="fleet mode: controller address(es), comma-separated")
+    ag.add_argument("--tls-dir", dest="tls_dir", default=DEFAULT_TLS_DIR,
+                    help="fleet mode: ca.pem and agent-<host>.pem/.key (default: %(default)s)")
+    ag.add_argument("--insecure", action="store_true", help="fleet mode without TLS (tests only)")
+    ag.add_argument("--endpoints", help="fleet mode: the workloads this host runs (YAML list)")
+    ag.add_argument("--address", action="append", help="fleet mode: this host's own address (repeat)")
     ag.add_argument("--interface", action="append", required=True, help="repeat for several")
     ag.add_argument("--netns", help="network namespace of the interfaces")
     ag.add_argument("--host", help="this host's name in the inventory (default: the hostname)")
@@ -580,6 +798,99 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--state-dir", dest="state_dir",
                     help="numbering and applied-state records (default: /var/lib/dataplane/<instance>)")
     ag.set_defaults(func=cmd_agent)
+
+    def admin(p):
+        p.add_argument("--controller", default=DEFAULT_CONTROLLER,
+                       help="controller address(es), comma-separated (default: %(default)s)")
+        p.add_argument("--tls-dir", dest="tls_dir", default=DEFAULT_TLS_DIR, help="default: %(default)s")
+        p.add_argument("--as", dest="as_admin", default=os.environ.get("DATAPLANE_ADMIN", "admin"),
+                       help="admin certificate name: admin-<NAME>.pem (default: %(default)s)")
+        p.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+        p.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+
+    ct = nouns.add_parser("controller", help="run the controller (policy decision point)")
+    ct.add_argument("--listen", default="0.0.0.0:7443")
+    ct.add_argument("--store", default="sqlite:///var/lib/dataplane/controller.db",
+                    help="sqlite:///PATH (one controller) or etcd://HOST:PORT[,...] (several); default: %(default)s")
+    ct.add_argument("--name", help="this controller's name (default: the listen address)")
+    ct.add_argument("--tls-dir", dest="tls_dir", default=DEFAULT_TLS_DIR,
+                    help="ca.pem, controller.pem, controller.key (default: %(default)s)")
+    ct.add_argument("--insecure", action="store_true", help="plaintext, no client authentication (tests only)")
+    ct.set_defaults(func=cmd_controller)
+
+    ce = nouns.add_parser("certs", help="a CA and certificates for a fleet")
+    cv = ce.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = cv.add_parser("init", help="create the CA (if absent) and certificates")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--controller", default="localhost,127.0.0.1,::1", help="controller names and addresses")
+    p.add_argument("--agent", default="", help="agent host names, comma-separated")
+    p.add_argument("--admin", default="admin", help="admin names, comma-separated")
+    p.set_defaults(func=cmd_certs_init)
+
+    p = pverbs.add_parser("push", help="send a policy to the controller: a new revision, active at once")
+    p.add_argument("policy")
+    p.add_argument("--comment")
+    p.add_argument("--expect-revision", dest="expect_revision", type=int,
+                   help="refuse unless this policy revision is the active one")
+    admin(p)
+    p.set_defaults(func=cmd_policy_push)
+    p = pverbs.add_parser("revisions", help="the controller's policy revisions")
+    admin(p)
+    _output(p)
+    p.set_defaults(func=cmd_policy_revisions)
+    p = pverbs.add_parser("get", help="a policy revision's text (default: the active one)")
+    p.add_argument("number", nargs="?", type=int)
+    admin(p)
+    p.set_defaults(func=cmd_policy_get)
+    p = pverbs.add_parser("rollback", help="make an earlier revision's text active again")
+    p.add_argument("number", type=int)
+    admin(p)
+    p.set_defaults(func=cmd_policy_rollback)
+
+    inv = nouns.add_parser("inventory", help="the controller's inventory")
+    invv = inv.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = invv.add_parser("push", help="hosts, endpoints and networks (sessions: dataplane session)")
+    p.add_argument("inventory")
+    admin(p)
+    p.set_defaults(func=cmd_inventory_push)
+
+    se = nouns.add_parser("session", help="user sessions (ZTNA)")
+    sv = se.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = sv.add_parser("open", help="bind a user, groups and device posture to an address")
+    p.add_argument("--user", required=True)
+    p.add_argument("--group", action="append")
+    p.add_argument("--device", help="device id")
+    p.add_argument("--posture", action="append", help="KEY=VALUE, e.g. managed=true (repeat)")
+    p.add_argument("--address", action="append", required=True, help="where the traffic comes from (repeat)")
+    p.add_argument("--expires", help="RFC 3339 end, e.g. 2026-12-05T18:00:00Z")
+    p.add_argument("--host", help="the device runs an agent as this host (it then enforces for the session)")
+    p.add_argument("--id")
+    admin(p)
+    p.set_defaults(func=cmd_session_open)
+    p = sv.add_parser("posture", help="replace a session's device attributes")
+    p.add_argument("id")
+    p.add_argument("--posture", action="append", required=True, help="KEY=VALUE (repeat)")
+    admin(p)
+    p.set_defaults(func=cmd_session_posture)
+    p = sv.add_parser("revoke", help="end a session: its established connections are cut too")
+    p.add_argument("id")
+    admin(p)
+    p.set_defaults(func=cmd_session_revoke)
+    p = sv.add_parser("list")
+    admin(p)
+    _output(p)
+    p.set_defaults(func=cmd_session_list)
+
+    fl = nouns.add_parser("fleet", help="agents and what they enforce")
+    fv = fl.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = fv.add_parser("status", help="agents, applied revision, lag")
+    admin(p)
+    _output(p)
+    p.set_defaults(func=cmd_fleet_status)
+    p = fv.add_parser("endpoints", help="endpoints the controller knows (inventory and agents)")
+    admin(p)
+    _output(p)
+    p.set_defaults(func=cmd_fleet_endpoints)
     return parser
 
 

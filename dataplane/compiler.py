@@ -204,6 +204,9 @@ class Compiler:
 
         locals_ = {HOST} | {numbers[canonical(e.identity_labels())] for e in self.inventory.endpoints
                             if e.host == host}
+        # A device running an agent enforces for the sessions on it.
+        locals_ |= {numbers[canonical(s.identity_labels())] for s in self.inventory.sessions
+                    if s.host == host and s.live_at(self.now) and canonical(s.identity_labels()) in numbers}
         warnings = list(self.universe_warnings)
         entries: list[PolicyEntry] = []
         for rule in self.policy.rules:

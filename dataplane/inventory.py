@@ -55,6 +55,7 @@ class Session:
     addresses: tuple
     expires: dt.datetime | None
     where: str
+    host: str | None = None  # the device runs an agent as this host: the session is local there
 
     def identity_labels(self) -> dict:
         labels = {"kind": "user", "user": self.user}
@@ -183,7 +184,8 @@ def parse_inventory(data, where: Where) -> Inventory:
     for i, raw in enumerate(expect_list(p, data.get("sessions", []), ("sessions",), "sessions", allow_empty=True)):
         path = ("sessions", i)
         raw = expect_map(p, raw, path, "a session", {"id": False, "user": True, "groups": False, "device": False,
-                                                     "address": False, "addresses": False, "expires": False})
+                                                     "address": False, "addresses": False, "expires": False,
+                                                     "host": False})
         if raw is None:
             continue
         user = expect_str(p, raw.get("user"), path + ("user",), "session user") if "user" in raw else None
@@ -208,8 +210,13 @@ def parse_inventory(data, where: Where) -> Inventory:
             p.add(path, f"duplicate session {sid!r} (first at line {seen[sid]})")
             continue
         seen[sid] = where.line(path)
+        host = None
+        if "host" in raw:
+            host = expect_str(p, raw["host"], path + ("host",), "session host")
+            if host is not None and host not in host_names:
+                p.add(path + ("host",), f"session host {host!r} is not in hosts")
         if user:
-            sessions.append(Session(sid, user, groups, device, addrs, expires, where.at(path)))
+            sessions.append(Session(sid, user, groups, device, addrs, expires, where.at(path), host))
 
     networks, seen = [], {}
     for i, raw in enumerate(expect_list(p, data.get("networks", []), ("networks",), "networks", allow_empty=True)):

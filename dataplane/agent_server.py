@@ -1,0 +1,50 @@
+"""The agent's own gRPC server on a local unix socket: Agent.Status, plus
+grpc.health.v1 and server reflection (so grpcurl works against it)."""
+
+from __future__ import annotations
+
+import os
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from dataplane.v1 import agent_pb2, agent_pb2_grpc
+
+
+class _Servicer(agent_pb2_grpc.AgentServicer):
+    def __init__(self, status_fn, instance: str):
+        self.status_fn = status_fn
+        self.instance = instance
+
+    def Status(self, request, context):
+        s = self.status_fn()
+        return agent_pb2.AgentStatus(instance=self.instance, **{k: v for k, v in s.items()
+                                                              if k in agent_pb2.AgentStatus.DESCRIPTOR.fields_by_name})
+
+
+def socket_path(instance: str, run_dir: str = "/run/dataplane") -> str:
+    return os.path.join(run_dir, instance, "agent.sock")
+
+
+def serve_status(instance: str, status_fn, path: str | None = None) -> grpc.Server:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    path = path or socket_path(instance)
+    Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.path.exists(path):
+        os.unlink(path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    agent_pb2_grpc.add_AgentServicer_to_server(_Servicer(status_fn, instance), server)
+    h = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(h, server)
+    names = [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    h.set("", health_pb2.HealthCheckResponse.SERVING)
+    h.set(names[0], health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(f"unix:{path}")
+    server.start()
+    os.chmod(path, 0o600)   # root only: the socket tells what a host enforces
+    return server

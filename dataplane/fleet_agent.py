@@ -1,0 +1,254 @@
+"""The agent in fleet mode: its host's state comes from a controller.
+
+    dataplane agent --controller ctl1:7443,ctl2:7443 --tls-dir /etc/dataplane/pki \\
+        --host web-host --interface eth0 [--endpoints FILE] [--address ADDR]
+
+It opens a Sync stream, says which host it is (and the workloads it runs),
+receives a snapshot of the host's compiled state (or "in sync" when it
+already enforces it) and then deltas, applies each through the atomic
+apply path, and reports the revision it applied. When the controller goes
+away it keeps enforcing what it has (fail-static) and reconnects with
+backoff, trying each controller in turn; the state it enforces is saved
+locally, so a restarted agent resumes without reapplying anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from dataplane import certs
+from dataplane.agent import CapacityError, Workspace
+from dataplane.fleet import HostView, utcnow
+from dataplane.v1 import controller_pb2 as pb
+from dataplane.v1 import controller_pb2_grpc as pb_grpc
+from loader import tables
+from loader.errors import DataplaneError
+
+log = logging.getLogger("dataplane.agent")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
+
+
+@dataclasses.dataclass
+class FleetOptions:
+    controllers: list
+    host: str
+    tls: certs.Credentials | None = None
+    interfaces: list = dataclasses.field(default_factory=list)
+    netns: str | None = None
+    ingress: str = "xdp"
+    state_dir: str | None = None
+    endpoints: list = dataclasses.field(default_factory=list)   # pb.Endpoint
+    addresses: list = dataclasses.field(default_factory=list)
+
+
+def load_endpoints(path: str) -> list:
+    """Endpoints this host runs, from a YAML/JSON list of {name, address(es), labels}."""
+    from dataplane.inventory import parse_inventory
+    from dataplane.source import loads
+
+    text = Path(path).read_text()
+    data, where = loads(text, path)
+    if not isinstance(data, list):
+        raise DataplaneError(f"{path}: a list of endpoints ({{name, addresses, labels}})")
+    doc = {"apiVersion": "zt-dataplane/v1", "hosts": [{"name": "this-host"}],
+           "endpoints": [{**e, "host": "this-host"} if isinstance(e, dict) else e for e in data]}
+    inv = parse_inventory(doc, where)
+    return [pb.Endpoint(name=e.name, addresses=[str(a) for a in e.addresses],
+                        labels={k: ",".join(sorted(v)) if isinstance(v, frozenset) else v
+                                for k, v in e.labels.items()}) for e in inv.endpoints]
+
+
+def channel_to(address: str, tls: certs.Credentials | None) -> grpc.Channel:
+    options = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 3000),
+               ("grpc.keepalive_permit_without_calls", 1)]
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+    return grpc.secure_channel(address, creds, options=options)
+
+
+class FleetAgent:
+    def __init__(self, dp, opts: FleetOptions):
+        self.dp = dp                      # None: a lightweight agent that keeps state without a datapath
+        self.opts = opts
+        self.ws = Workspace(dp.instance if dp else f"light-{opts.host}", opts.state_dir)
+        self.view: HostView | None = self._load_view()
+        self.connected_to = ""
+        self.last_error = ""
+        self.applied_at = ""
+        self._stop = threading.Event()
+        self._call = None
+        self.on_applied = None           # callback(view, apply_ms), for benchmarks and tests
+
+    # -- local record of what is enforced --
+
+    def _view_path(self) -> Path:
+        return self.ws.dir / "host-state.json"
+
+    def _load_view(self) -> HostView | None:
+        try:
+            d = json.loads(self._view_path().read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        from loader.tables import PolicyEntry
+
+        return HostView(d["revision"], d["host"], {k: tuple(v) for k, v in d["ipcache"].items()},
+                        frozenset(PolicyEntry(*e) for e in d["entries"]), d["audit_default"],
+                        {int(k): v for k, v in d["rule_names"].items()},
+                        {int(k): v for k, v in d["identity_labels"].items()}, d["locals"], d.get("next_change", ""))
+
+    def _save_view(self, view: HostView) -> None:
+        if self.dp is None:
+            return
+        self.ws.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d = dataclasses.asdict(view)
+        d["entries"] = sorted(dataclasses.astuple(e) for e in view.entries)
+        tmp = self._view_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(d))
+        tmp.replace(self._view_path())
+
+    # -- datapath --
+
+    def start(self) -> None:
+        if self.dp is None:
+            return
+        outcome = self.dp.load()
+        log.info("datapath %s (%s)", self.dp.instance, outcome)
+        for ifname in self.opts.interfaces:
+            rec = self.dp.attach(ifname, self.opts.netns, ingress=self.opts.ingress)
+            log.info("attached to %s%s (%s)", ifname, f" in {self.opts.netns}" if self.opts.netns else "",
+                     rec.get("xdp_mode", "tc"))
+
+    def apply(self, view: HostView) -> tuple[str, float]:
+        """Enforces view; returns (error or "", milliseconds)."""
+        t0 = time.monotonic()
+        try:
+            if self.dp is not None:
+                ipcache = view.loader_ipcache()
+                problems = tables.check_capacity(self.dp, ipcache, view.entries)
+                if problems:
+                    raise CapacityError("does not fit: " + "; ".join(problems))
+                result = tables.apply_state(self.dp, ipcache, view.entries, audit_default=view.audit_default)
+                self.ws.write_applied({
+                    "host": view.host, "applied_at": utcnow().isoformat(), "mode": "audit" if view.audit_default
+                    else "enforce", "sources": {"controller": self.connected_to}, "revision": view.revision,
+                    "digest": view.digest(), "generation": result.generation, "epoch": result.epoch,
+                    "counts": {"prefixes": len(view.ipcache), "entries": len(view.entries),
+                               "rules": len(view.rule_names), "identities": len(view.identity_labels)},
+                    "rules": {str(k): v for k, v in sorted(view.rule_names.items())},
+                    "identities": {str(k): v for k, v in sorted(view.identity_labels.items())},
+                    "locals": view.locals, "warnings": [], "next_change": view.next_change or None})
+                self._save_view(view)
+        except DataplaneError as e:
+            log.error("revision %d not applied, the state in force stays: %s", view.revision, e)
+            return str(e), (time.monotonic() - t0) * 1000
+        self.view = view
+        self.applied_at = utcnow().isoformat()
+        ms = (time.monotonic() - t0) * 1000
+        if self.on_applied:
+            self.on_applied(view, ms)
+        return "", ms
+
+    # -- the stream --
+
+    def hello(self) -> pb.AgentMessage:
+        return pb.AgentMessage(hello=pb.Hello(
+            host=self.opts.host, interfaces=self.opts.interfaces, addresses=self.opts.addresses,
+            endpoints=self.opts.endpoints, revision=self.view.revision if self.view else 0,
+            digest=self.view.digest() if self.view else "", version="zt-dataplane/1"))
+
+    def session(self, address: str) -> None:
+        """One Sync stream until it ends; raises grpc.RpcError on failure."""
+        outq: queue.Queue = queue.Queue()
+        outq.put(self.hello())
+
+        def requests():
+            while True:
+                m = outq.get()
+                if m is None:
+                    return
+                yield m
+
+        with channel_to(address, self.opts.tls) as channel:
+            call = pb_grpc.AgentSyncStub(channel).Sync(requests())
+            self._call = call
+            try:
+                for msg in call:
+                    self.connected_to = address
+                    kind = msg.WhichOneof("msg")
+                    if kind == "in_sync":
+                        log.info("in sync with %s at revision %d", address, msg.in_sync.revision)
+                        outq.put(pb.AgentMessage(applied=pb.Applied(revision=msg.in_sync.revision,
+                                                                    digest=self.view.digest())))
+                        continue
+                    if kind == "snapshot":
+                        new = HostView.from_msg(msg.snapshot)
+                        expected = msg.snapshot.digest
+                    else:
+                        d = msg.delta
+                        if self.view is None or d.from_revision != self.view.revision:
+                            raise DataplaneError(f"delta from revision {d.from_revision} does not fit revision "
+                                                 f"{self.view.revision if self.view else 0}: resynchronising")
+                        new = self.view.apply_delta(d)
+                        expected = d.digest
+                    if new.digest() != expected:
+                        raise DataplaneError("state digest mismatch after a delta: resynchronising")
+                    error, ms = self.apply(new)
+                    log.info("revision %d %s in %.1f ms", new.revision, "NOT applied" if error else "applied", ms)
+                    outq.put(pb.AgentMessage(applied=pb.Applied(revision=new.revision if not error else
+                                                                (self.view.revision if self.view else 0),
+                                                                digest=self.view.digest() if self.view else "",
+                                                                error=error, apply_ms=ms)))
+            finally:
+                outq.put(None)
+                self._call = None
+                self.connected_to = ""
+
+    def run(self) -> None:
+        backoff = BACKOFF_FIRST
+        i = 0
+        while not self._stop.is_set():
+            address = self.opts.controllers[i % len(self.opts.controllers)]
+            t0 = time.monotonic()
+            try:
+                self.session(address)
+                self.last_error = "stream ended"
+            except grpc.RpcError as e:
+                self.last_error = f"{address}: {e.code().name}: {e.details()}"
+                if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    log.error("refused by %s: %s", address, self.last_error)
+                else:
+                    log.warning("controller %s: %s; enforcing the last state", address, self.last_error)
+            except DataplaneError as e:
+                self.last_error = str(e)
+                log.warning("%s", e)
+                self.view = None if "resynchronising" in str(e) else self.view
+            if time.monotonic() - t0 > 10:
+                backoff = BACKOFF_FIRST       # it was up for a while: reconnect quickly
+            i += 1
+            if self._stop.wait(backoff):
+                break
+            backoff = min(BACKOFF_MAX, backoff * 2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def status(self) -> dict:
+        return {"host": self.opts.host, "mode": "fleet", "revision": self.view.revision if self.view else 0,
+                "digest": self.view.digest() if self.view else "", "controller": self.connected_to,
+                "connected": bool(self.connected_to), "entries": len(self.view.entries) if self.view else 0,
+                "prefixes": len(self.view.ipcache) if self.view else 0, "applied_at": self.applied_at,
+                "last_error": self.last_error}
