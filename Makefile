@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-bpf test-netns demo bench insn-counts lint clean
+.PHONY: setup test test-unit test-bpf test-netns test-fleet demo bench insn-counts lint clean
 
 setup:
 	@scripts/setup.sh
@@ -19,6 +19,9 @@ test-bpf: setup
 
 test-netns: setup
 	$(PY) -m pytest -m netns $(PYTEST_ARGS)
+
+test-fleet: setup
+	$(PY) -m pytest -m fleet $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m dataplane.demo
