@@ -1,18 +1,22 @@
 """`make demo`: the sample entitlement policy (examples/policy.yaml) enforced
-on a small network of namespaces, end to end.
+on a small network of namespaces, end to end, driven by a controller.
 
-Every host in examples/inventory.yaml becomes a network namespace running
-its workloads (echo servers) and its own agent process, which compiles the
-policy for that host and enforces it with XDP and TC programs on the host's
-interface. Users' laptops and the partner network are namespaces too. All of
-them share one L2 segment (a bridge).
+A controller (embedded SQLite store, mutual TLS with certificates made for
+the occasion) holds the policy, the inventory and the users' sessions. Every
+host in examples/inventory.yaml becomes a network namespace running its
+workloads (echo servers) and its own agent process, which receives its
+host's compiled state from the controller and enforces it with XDP and TC
+programs on the host's interface. Users' laptops and the partner network
+are namespaces too. All of them share one L2 segment (a bridge).
 
-The demo then sends real TCP traffic for every test in the policy and a few
-more flows, checks each outcome against what `dataplane policy explain`
-predicts, revokes a user's session while her connection is open (by editing
-the inventory file the agents watch), prints the verdicts per rule across
-all hosts, and removes everything it created. Exit status 0 means every
-check held.
+The demo sends real TCP traffic for every test in the policy and a few more
+flows, checks each outcome against what `dataplane policy explain`
+predicts, revokes a user's session at the controller while her connection
+is open (every host cuts it), prints the fleet's status and the verdicts per
+rule across all hosts, and removes everything it created. Exit status 0
+means every check held. `--standalone` runs the agents from files instead,
+without a controller (the session is then revoked by editing the inventory
+file the agents watch).
 """
 
 from __future__ import annotations
@@ -98,20 +102,90 @@ def _cidr(addr) -> str:
     return f"{addr}/24" if addr.version == 4 else f"{addr}/64"
 
 
-class Agents:
-    """One agent process per host, each with its own datapath instance."""
+class Controller:
+    """A controller process on loopback with an embedded store and mTLS."""
 
-    def __init__(self, net: Network, policy: Path, inventory: Path, workdir: Path):
+    def __init__(self, workdir: Path):
+        from dataplane import certs
+
+        self.pki = workdir / "pki"
+        self.hosts: list[str] = []
+        self.workdir = workdir
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / "controller.log"
+        certs.init(self.pki, ["localhost", "127.0.0.1"], [], ["demo"])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dataplane", "controller", "--listen", self.address,
+             "--store", f"sqlite://{workdir / 'controller.db'}", "--tls-dir", str(self.pki)],
+            stdout=subprocess.DEVNULL, stderr=self.log.open("w"), start_new_session=True, cwd=ROOT)
+        if not wait_for(lambda: "listening" in self.log.read_text() or self.proc.poll() is not None, timeout=30) \
+                or self.proc.poll() is not None:
+            raise RuntimeError(f"the controller did not start: {self.log.read_text()[-400:]}")
+
+    def agent_cert(self, host: str) -> None:
+        from dataplane import certs
+
+        certs.Authority.load(self.pki).issue_to(self.pki, f"agent-{host}", host, "agent", [host])
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "dataplane", *args, "--controller", self.address,
+                              "--tls-dir", str(self.pki), "--as", "demo"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"dataplane {' '.join(args)}: {out.stderr.strip()}")
+        return out
+
+    def revoke(self, session_id: str) -> None:
+        """RevokeSession over gRPC from this process, so timing starts at the call."""
+        from dataplane import certs
+        from dataplane.fleet_agent import channel_to
+        from dataplane.v1 import controller_pb2 as pb
+        from dataplane.v1 import controller_pb2_grpc as pb_grpc
+
+        with channel_to(self.address, certs.Credentials(self.pki, "admin-demo")) as channel:
+            pb_grpc.ControllerStub(channel).RevokeSession(pb.RevokeSessionRequest(id=session_id), timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agents:
+    """One agent process per host, each with its own datapath instance:
+    from the controller (fleet mode) or from the files (standalone)."""
+
+    def __init__(self, net: Network, policy: Path, inventory: Path, workdir: Path,
+                 controller: Controller | None = None):
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.workdir = workdir
+        self.fleet = controller is not None
         for host, ns in net.host_ns.items():
             log = workdir / f"agent-{host}.log"
             self.logs[host] = log
+            if controller:
+                controller.agent_cert(host)
+                source = ["--controller", controller.address, "--tls-dir", str(controller.pki)]
+            else:
+                source = ["--policy", str(policy), "--inventory", str(inventory)]
             self.procs[host] = subprocess.Popen(
-                [sys.executable, "-m", "dataplane", "--instance", self.instance(host), "agent",
-                 "--policy", str(policy), "--inventory", str(inventory), "--interface", net.host_if[host],
-                 "--netns", ns, "--host", host, "--state-dir", str(self.state_dir(host))],
+                [sys.executable, "-m", "dataplane", "--instance", self.instance(host), "agent", *source,
+                 "--interface", net.host_if[host], "--netns", ns, "--host", host,
+                 "--state-dir", str(self.state_dir(host))],
                 stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True, cwd=ROOT)
 
     @staticmethod
@@ -122,7 +196,8 @@ class Agents:
         return self.workdir / f"state-{host}"
 
     def applied_count(self, host: str) -> int:
-        return self.logs[host].read_text().count("dataplane: INFO: applied:")
+        text = self.logs[host].read_text()
+        return text.count(" applied in ") if self.fleet else text.count("dataplane: INFO: applied:")
 
     def wait_applied(self, at_least: int, timeout: float) -> bool:
         for host, proc in self.procs.items():
@@ -186,10 +261,10 @@ def run_checks(net: Network, explainer: Explainer, items: list[dict]) -> int:
 
 
 def revoke_session(net: Network, agents: Agents, inventory_path: Path, user_addr: str, dst: str,
-                   port: int) -> tuple[bool, float | None]:
-    """Streams from a user's device, removes the user's session from the
-    inventory file the agents watch, and measures how long the established
-    connection keeps flowing."""
+                   port: int, controller: Controller | None = None) -> tuple[bool, float | None]:
+    """Streams from a user's device, ends the user's session (at the
+    controller, or by removing it from the inventory file the agents watch),
+    and measures how long the established connection keeps flowing."""
     proc = net.lab.popen(net.ns_of_addr[user_addr], [sys.executable, "-m", "dataplane.probe", "stream",
                                                      user_addr, dst, str(port)])
     if proc.stdout.readline().decode().strip() != "connected":
@@ -200,12 +275,17 @@ def revoke_session(net: Network, agents: Agents, inventory_path: Path, user_addr
         if line and line[0] == "echo":
             last_echo = float(line[2])
     data = yaml.safe_load(inventory_path.read_text())
-    data["sessions"] = [s for s in data["sessions"] if user_addr not in s.get("addresses", [s.get("address")])]
+    gone = [s for s in data["sessions"] if user_addr in s.get("addresses", [s.get("address")])]
     before = {h: agents.applied_count(h) for h in agents.procs}
-    tmp = inventory_path.with_suffix(".new")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    edited_at = time.monotonic()
-    os.replace(tmp, inventory_path)
+    if controller:
+        edited_at = time.monotonic()
+        controller.revoke(gone[0]["id"])
+    else:
+        data["sessions"] = [s for s in data["sessions"] if s not in gone]
+        tmp = inventory_path.with_suffix(".new")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        edited_at = time.monotonic()
+        os.replace(tmp, inventory_path)
     for raw in proc.stdout:
         line = raw.decode().split()
         if line and line[0] == "echo":
@@ -213,8 +293,31 @@ def revoke_session(net: Network, agents: Agents, inventory_path: Path, user_addr
         elif line and line[0] == "stalled":
             break
     proc.wait(timeout=10)
-    applied = all(agents.applied_count(h) > before[h] for h in agents.procs)
+    applied = wait_for(lambda: all(agents.applied_count(h) > before[h] for h in agents.procs), timeout=5)
     return applied, None if last_echo is None else max(0.0, last_echo - edited_at)
+
+
+def push_to(controller: Controller, policy: Path, inventory: Path, workdir: Path) -> None:
+    """The inventory without its sessions, the policy, then each session
+    opened through the session API as a ZTNA front door would."""
+    data = yaml.safe_load(inventory.read_text())
+    sessions = data.pop("sessions", [])
+    declared = workdir / "declared-inventory.yaml"
+    declared.write_text(yaml.safe_dump(data, sort_keys=False))
+    controller.admin("inventory", "push", str(declared))
+    controller.admin("policy", "push", str(policy))
+    for s in sessions:
+        args = ["session", "open", "--id", s["id"], "--user", s["user"]]
+        for g in s.get("groups", []):
+            args += ["--group", g]
+        for k, v in s.get("device", {}).items():
+            args += ["--device", str(v)] if k == "id" else ["--posture", f"{k}={str(v).lower()}"]
+        for a in s.get("addresses", [s.get("address")]):
+            args += ["--address", str(a)]
+        if s.get("expires"):
+            t = s["expires"]
+            args += ["--expires", t.isoformat() if hasattr(t, "isoformat") else str(t)]
+        controller.admin(*args)
 
 
 def verdicts_per_rule(agents: Agents) -> list[dict]:
@@ -238,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=str(EXAMPLES / "policy.yaml"))
     parser.add_argument("--inventory", default=str(EXAMPLES / "inventory.yaml"))
+    parser.add_argument("--standalone", action="store_true", help="agents from files, no controller")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="dataplane-demo-"))
@@ -246,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = load_policy(args.policy)
     inventory = load_inventory(inventory_path)
     failures = 0
-    agents = None
+    agents = controller = None
     with Lab("dpdemo") as lab:
         try:
             say(f"== {len(inventory.hosts)} hosts, {len(inventory.sessions)} user devices and "
@@ -257,8 +361,15 @@ def main(argv: list[str] | None = None) -> int:
                 eps = ", ".join(f"{e.name} ({e.addresses[0]})" for e in inventory.endpoints if e.host == h.name)
                 say(f"   {h.name:<9} {h.addresses[0]}  runs {eps}")
 
-            say(f"== one agent per host: {args.policy} (compiling the datapath takes a few seconds)")
-            agents = Agents(net, Path(args.policy), inventory_path, workdir)
+            if not args.standalone:
+                say("== controller: embedded store, mutual TLS; inventory, policy and sessions pushed to it")
+                controller = Controller(workdir)
+                push_to(controller, Path(args.policy), inventory_path, workdir)
+                say(f"   listening on {controller.address}; policy revision 1 active; "
+                    f"{len(inventory.sessions)} sessions open")
+            say(f"== one agent per host{', from the controller' if controller else ': ' + args.policy} "
+                "(compiling the datapath takes a few seconds)")
+            agents = Agents(net, Path(args.policy), inventory_path, workdir, controller)
             if not agents.wait_applied(1, timeout=180):
                 raise RuntimeError(f"an agent did not apply the policy: {agents.describe_failure()}")
             for host in agents.procs:
@@ -273,22 +384,30 @@ def main(argv: list[str] | None = None) -> int:
             failures += run_checks(net, explainer, checks(policy, explainer))
 
             say("== revoking alice's session while her connection to web-1 is open")
-            applied, cut_after = revoke_session(net, agents, inventory_path, "10.80.0.11", "10.80.0.21", 443)
-            ok = applied and cut_after is not None and cut_after < 2.0
+            applied, cut_after = revoke_session(net, agents, inventory_path, "10.80.0.11", "10.80.0.21", 443,
+                                                controller)
+            ok = applied and cut_after is not None and cut_after < (0.5 if controller else 2.0)
             failures += not ok
             shown = "n/a" if cut_after is None else f"{cut_after * 1000:.0f} ms"
-            say(f"   {'ok  ' if ok else 'FAIL'} inventory edited; every agent re-applied; her established "
-                f"connection stopped {shown} after the edit (file watch every 0.5 s)")
+            how = ("`dataplane session revoke` at the controller" if controller else
+                   "inventory file edited (the agents check it every 0.5 s)")
+            say(f"   {'ok  ' if ok else 'FAIL'} {how}; every agent re-applied; her established connection "
+                f"stopped {shown} later")
             result = net.probe("10.80.0.11", "10.80.0.21", 6, 443)
             failures += result["ok"]
             say(f"   {'ok  ' if not result['ok'] else 'FAIL'} a new connection from her laptop is "
                 f"{'refused' if not result['ok'] else 'still accepted'}")
 
+            if controller:
+                say("\n== fleet status")
+                say("\n".join("   " + line for line in controller.admin("fleet", "status").stdout.splitlines()))
             say("\n== verdicts per rule, all hosts")
             print_rows(verdicts_per_rule(agents), "table")
         finally:
             if agents:
                 agents.stop()
+            if controller:
+                controller.stop()
                 for host in agents.procs:
                     dp = Datapath(agents.instance(host))
                     if os.path.isdir(dp.pin_dir):
