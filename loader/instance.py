@@ -175,7 +175,8 @@ class Datapath:
     def _write_state(self, state: dict) -> None:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(state, f, indent=2, sort_keys=True)
         os.replace(tmp, self.state_path)
 
