@@ -38,6 +38,9 @@ from loader.errors import DataplaneError
 
 log = logging.getLogger("dataplane.controller")
 
+HEARTBEAT_S = 5             # connected agents' status is refreshed this often
+STALE_S = 3 * HEARTBEAT_S   # a status older than this is not believed connected
+
 
 class Refused(Exception):
     """An RPC refused with a status code and a one-line reason."""
@@ -125,10 +128,14 @@ class ControllerCore:
         """change(state) -> (puts, deletes) on a copy; numbers for any new
         label set or rule are added, then one compare-and-swap commit."""
         if not self.leader:
+            try:
+                leader = self.store.leader()
+            except StoreError as e:
+                raise Refused(grpc.StatusCode.UNAVAILABLE,
+                              f"the store is unreachable, writes are refused until it is back ({e})") from None
             raise Refused(grpc.StatusCode.UNAVAILABLE,
                           f"this controller ({self.name}) is not the leader"
-                          + (f"; the leader is {self.store.leader()}" if self.store.leader() else "")
-                          + ": retry there")
+                          + (f"; the leader is {leader}: retry there" if leader else "; none is elected yet"))
         for _ in range(3):
             with self._lock:
                 base = self.state
@@ -227,9 +234,22 @@ class ControllerCore:
         except StoreError as e:
             log.warning("cannot record status of %s: %s", stream.host, e)
 
+    def connected_hosts(self) -> set[str]:
+        with self._lock:
+            return {s.host for s in self._streams.values()}
+
     def timers(self) -> None:
-        """Re-sends states when a validity window opens or closes."""
+        """Re-sends states when a validity window opens or closes, and
+        refreshes the status of connected agents (a heartbeat: records not
+        refreshed for a while mean the controller holding them is gone)."""
+        beat = 0
         while not self._stop.wait(0.5):
+            beat += 1
+            if beat % (HEARTBEAT_S * 2) == 0:
+                with self._lock:
+                    streams = list(self._streams.values())
+                for s in streams:
+                    self.report(s)
             with self._lock:
                 due = self._next_wakeup is not None and utcnow() >= self._next_wakeup
                 if due:
@@ -495,11 +515,18 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         statuses = {k.partition("/")[2]: json.loads(v) for k, v in core.store.load_status().items()
                     if k.startswith("agent/")}
         hosts = sorted(set(statuses) | {h.name for h in s.inventory().hosts})
+        live_here = core.connected_hosts()
+        now = utcnow()
         agents = []
         for h in hosts:
             st = statuses.get(h, {})
             applied = st.get("applied_revision", 0)
-            agents.append(pb.AgentInfo(host=h, connected=st.get("connected", False), applied_revision=applied,
+            # Believe "connected" from this controller only for its live streams,
+            # and from others only while their heartbeat is fresh.
+            connected = h in live_here or (
+                st.get("connected", False) and st.get("controller") != core.name and st.get("last_seen")
+                and (now - dt.datetime.fromisoformat(st["last_seen"])).total_seconds() < STALE_S)
+            agents.append(pb.AgentInfo(host=h, connected=bool(connected), applied_revision=applied,
                                        lag=max(0, s.revision - applied) if applied else s.revision,
                                        last_seen=st.get("last_seen", ""), controller=st.get("controller", ""),
                                        error=st.get("error", ""), apply_ms=st.get("apply_ms", 0.0)))

@@ -87,6 +87,7 @@ class FleetAgent:
         self.applied_at = ""
         self._stop = threading.Event()
         self._call = None
+        self.connected_once = False
         self.on_applied = None           # callback(view, apply_ms), for benchmarks and tests
 
     # -- local record of what is enforced --
@@ -185,8 +186,12 @@ class FleetAgent:
                 for msg in call:
                     self.connected_to = address
                     kind = msg.WhichOneof("msg")
+                    self.connected_once = True
                     if kind == "in_sync":
+                        # Same maps, perhaps a newer revision: record it, apply nothing.
                         log.info("in sync with %s at revision %d", address, msg.in_sync.revision)
+                        self.view = dataclasses.replace(self.view, revision=msg.in_sync.revision)
+                        self._save_view(self.view)
                         outq.put(pb.AgentMessage(applied=pb.Applied(revision=msg.in_sync.revision,
                                                                     digest=self.view.digest())))
                         continue
@@ -224,7 +229,7 @@ class FleetAgent:
         i = 0
         while not self._stop.is_set():
             address = self.opts.controllers[i % len(self.opts.controllers)]
-            t0 = time.monotonic()
+            self.connected_once = False
             try:
                 self.session(address)
                 self.last_error = "stream ended"
@@ -239,8 +244,8 @@ class FleetAgent:
                 self.last_error = str(e)
                 log.warning("%s", e)
                 self.view = None if "resynchronising" in str(e) else self.view
-            if time.monotonic() - t0 > 10:
-                backoff = BACKOFF_FIRST       # it was up for a while: reconnect quickly
+            if self.connected_once:
+                backoff = BACKOFF_FIRST       # it was connected: the next outage starts from scratch
             i += 1
             if self._stop.wait(backoff):
                 break

@@ -258,10 +258,8 @@ class EtcdStore(Store):
         threading.Thread(target=run, name="etcd-campaign", daemon=True).start()
 
     def leader(self) -> str:
-        try:
-            holder = self._call(lambda c: c.get(self.prefix + "leader"))
-        except StoreError:
-            return ""
+        """The leader's name, "" when there is none; StoreError when etcd is unreachable."""
+        holder = self._call(lambda c: c.get(self.prefix + "leader"))
         return (holder[0].decode() if isinstance(holder[0], bytes) else holder[0]) if holder else ""
 
     def close(self) -> None:
