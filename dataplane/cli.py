@@ -585,6 +585,8 @@ def cmd_fleet_status(args) -> int:
         return 0
     print(f"controller {r.controller} ({'leader' if r.leader else 'follower'}), state revision {r.revision}, "
           f"policy revision {r.policy_revision}")
+    if r.store_error:
+        print(f"store unreachable ({r.store_error}): only this controller's own agents are shown")
     print_rows([{"host": a.host, "connected": a.connected, "applied": a.applied_revision, "lag": a.lag,
                  "controller": a.controller or "-", "apply_ms": round(a.apply_ms, 1), "last_seen": a.last_seen,
                  "error": a.error} for a in r.agents], "table")

@@ -234,6 +234,24 @@ class ControllerCore:
         except StoreError as e:
             log.warning("cannot record status of %s: %s", stream.host, e)
 
+    def commit_registrations(self) -> None:
+        """Leader: commits registrations filed by any controller that differ
+        from the state (declared hosts only)."""
+        try:
+            pending = {k.partition("/")[2]: json.loads(v) for k, v in self.store.load_status().items()
+                       if k.startswith("registration/")}
+        except StoreError:
+            return
+        declared = self.state.declared_hosts()
+        changed = {h: r for h, r in pending.items() if h in declared and self.state.agents.get(h) != r}
+        if not changed:
+            return
+        try:
+            self.commit(lambda s: ({f"agent/{h}": json.dumps(r) for h, r in changed.items()}, []))
+            log.info("registered %s", ", ".join(sorted(changed)))
+        except (Refused, DataplaneError) as e:
+            log.warning("registrations not recorded: %s", e)
+
     def connected_hosts(self) -> set[str]:
         with self._lock:
             return {s.host for s in self._streams.values()}
@@ -245,6 +263,8 @@ class ControllerCore:
         beat = 0
         while not self._stop.wait(0.5):
             beat += 1
+            if self.leader and beat % 2 == 0:
+                self.commit_registrations()
             if beat % (HEARTBEAT_S * 2) == 0:
                 with self._lock:
                     streams = list(self._streams.values())
@@ -348,18 +368,22 @@ class AgentSyncServicer(pb_grpc.AgentSyncServicer):
             stream.queue.put(None)
 
     def _register(self, hello) -> None:
-        """Records the host's interfaces, addresses and endpoints (leader
-        only: followers use what the store already holds)."""
+        """Records the host's interfaces, addresses and endpoints. Any
+        controller files it as pending (a plain write); the leader commits
+        pending registrations into the state (at once when it is the one the
+        agent talks to, otherwise within a second)."""
         core = self.core
         record = {"interfaces": sorted(hello.interfaces), "addresses": sorted(hello.addresses),
                   "endpoints": sorted(({"name": e.name, "addresses": list(e.addresses), "labels": dict(e.labels)}
                                        for e in hello.endpoints), key=lambda e: e["name"])}
-        if core.state.agents.get(hello.host) == record or not core.leader:
+        if core.state.agents.get(hello.host) == record:
             return
         try:
-            core.commit(lambda s: ({f"agent/{hello.host}": json.dumps(record)}, []))
-        except (Refused, DataplaneError) as e:
-            log.warning("registration of %s not recorded: %s", hello.host, e)
+            core.store.put_status(f"registration/{hello.host}", json.dumps(record))
+        except StoreError as e:
+            log.warning("registration of %s not filed: %s", hello.host, e)
+        if core.leader:
+            core.commit_registrations()
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -512,8 +536,12 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def FleetStatus(self, request, context):
         core = self.core
         s = core.state
-        statuses = {k.partition("/")[2]: json.loads(v) for k, v in core.store.load_status().items()
-                    if k.startswith("agent/")}
+        store_error = ""
+        try:
+            statuses = {k.partition("/")[2]: json.loads(v) for k, v in core.store.load_status().items()
+                        if k.startswith("agent/")}
+        except StoreError as e:
+            statuses, store_error = {}, str(e)
         hosts = sorted(set(statuses) | {h.name for h in s.inventory().hosts})
         live_here = core.connected_hosts()
         now = utcnow()
@@ -531,7 +559,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                                        last_seen=st.get("last_seen", ""), controller=st.get("controller", ""),
                                        error=st.get("error", ""), apply_ms=st.get("apply_ms", 0.0)))
         return pb.FleetStatusResponse(revision=s.revision, policy_revision=s.active_policy, agents=agents,
-                                      controller=core.name, leader=core.leader)
+                                      controller=core.name, leader=core.leader, store_error=store_error)
 
 
 def _caller(context) -> tuple[str, str]:

@@ -210,23 +210,33 @@ class EtcdStore(Store):
             out[key[len(self.prefix + "status/"):]] = value.decode() if isinstance(value, bytes) else value
         return out
 
-    def watch(self, on_change: Callable[[], None]) -> None:
-        def run():
-            while not self._stop.is_set():
-                try:
-                    events, cancel = self._clients[self._current].watch_prefix(self.prefix + "state/")
-                    self._cancel_watch = cancel
-                    on_change()  # catch up with anything missed while not watching
-                    for _ in events:
-                        on_change()
-                        if self._stop.is_set():
-                            break
-                except Exception as e:  # noqa: BLE001 - reconnect on any watch failure
-                    log.warning("etcd watch lost (%s); retrying", type(e).__name__)
-                self._stop.wait(0.5)
-                self._current = (self._current + 1) % len(self._clients)
+    POLL_S = 0.2
 
-        threading.Thread(target=run, name="etcd-watch", daemon=True).start()
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Polls the meta key (one small read) and calls on_change when the
+        committed revision moves. A streaming watch would be lighter, but
+        etcd3gw's never ends when its connection drops, and a follower that
+        silently stops following would keep serving revoked sessions."""
+        def run():
+            seen = None
+            failing = False
+            while not self._stop.wait(self.POLL_S):
+                try:
+                    value = self._call(lambda c: c.get(self._key(META)))
+                    if failing:
+                        log.info("etcd reachable again")
+                        failing = False
+                    if value != seen:
+                        seen = value
+                        on_change()
+                except StoreError as e:
+                    if not failing:
+                        log.warning("cannot follow commits: %s", e)
+                        failing = True
+                except Exception as e:  # noqa: BLE001 - a reload failing must not end following
+                    log.warning("reload after a commit failed: %s", e)
+
+        threading.Thread(target=run, name="etcd-follow", daemon=True).start()
 
     def campaign(self, name: str, on_change: Callable[[bool], None]) -> None:
         key = self.prefix + "leader"
@@ -264,12 +274,6 @@ class EtcdStore(Store):
 
     def close(self) -> None:
         self._stop.set()
-        cancel = getattr(self, "_cancel_watch", None)
-        if cancel:
-            try:
-                cancel()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def open_store(url: str) -> Store:

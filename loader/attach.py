@@ -143,9 +143,14 @@ def _prog_name(prog_id: int) -> str:
 # --- TC (clsact + cls_bpf) -----------------------------------------------------
 
 def _ipr(netns: str | None):
+    """A netlink socket in the namespace. It is opened from inside the
+    namespace (setns of this thread) rather than with pyroute2's netns
+    option, which forks a helper: forking a multi-threaded process can
+    deadlock the child."""
     from pyroute2 import IPRoute
 
-    return IPRoute(netns=netns) if netns else IPRoute()
+    with in_netns(netns):
+        return IPRoute()
 
 
 def tc_filters(ifname: str, netns: str | None, direction: str, kinds: tuple = ("bpf",)) -> list[dict]:
