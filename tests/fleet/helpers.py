@@ -82,6 +82,7 @@ rules:
     from: [{{user: {{group: staff}}}}]
     to: [{{workload: {{app: app}}}}]
     ports: [tcp/{APP_PORT}]
+    conditions: {{posture: {{managed: true}}}}
   - name: app-to-db
     action: allow
     from: [{{workload: {{app: app}}}}]

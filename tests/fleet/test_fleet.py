@@ -115,6 +115,30 @@ def test_revoke_cuts_established_connection(fleet, measurement):
     fleet.admin.wait_in_sync(HOSTS)
 
 
+def test_posture_change_cuts_established_connection(fleet, measurement):
+    """Her device stops being managed: the entitlement needs a managed device,
+    so her open connection is cut on every host, like a revocation."""
+    fleet.ensure_alice()
+    fleet.admin.wait_in_sync(HOSTS)
+    stream = Stream(fleet.lab, fleet.ns["A"], ALICE_ADDR, APP_ADDR, APP_PORT)
+    assert stream.wait(lambda: len(stream.echoes) >= 40, timeout=30), stream.describe()
+    try:
+        out = fleet.admin.run("session", "posture", ALICE_SESSION, "--posture", "managed=false")
+        returned = time.monotonic()
+        assert out.returncode == 0, out.stderr
+        assert stream.wait(lambda: stream.stalled is not None, timeout=30), \
+            f"the connection kept passing after the posture change: {stream.describe()}"
+        cut = stream.stalled - returned
+        measurement(f"posture change: last echo {cut * 1000:+.1f} ms after `session posture` returned")
+        assert cut < 1.0
+        flows(fleet.lab, [(fleet.ns["A"], ALICE_ADDR, APP_ADDR, APP_PORT, False)])
+    finally:
+        out = fleet.admin.run("session", "posture", ALICE_SESSION, "--posture", "managed=true")
+        assert out.returncode == 0, out.stderr
+    fleet.admin.wait_in_sync(HOSTS)
+    flows(fleet.lab, [(fleet.ns["A"], ALICE_ADDR, APP_ADDR, APP_PORT, True)])
+
+
 def _outage(fleet, sig: int, new_port: int, measurement) -> None:
     """Stops the controller with sig; agents keep enforcing; restarts it on
     the same store; agents reconnect, resynchronise without applying, and
