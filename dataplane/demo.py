@@ -408,10 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                 agents.stop()
             if controller:
                 controller.stop()
-                for host in agents.procs:
-                    dp = Datapath(agents.instance(host))
-                    if os.path.isdir(dp.pin_dir):
-                        dp.unload()
+            for host in (agents.procs if agents else ()):
+                dp = Datapath(agents.instance(host))
+                if os.path.isdir(dp.pin_dir) or os.path.exists(dp.state_path):
+                    dp.unload()
             shutil.rmtree(workdir, ignore_errors=True)
     say(f"\n{'all checks held' if not failures else f'{failures} check(s) failed'}; "
         "namespaces, agents, programs and pins removed")
