@@ -130,8 +130,9 @@ def cmd_bpf_map_list(args) -> int:
 
 def cmd_bpf_map_dump(args) -> int:
     from dataplane.render import print_rows, rows_for
+    from loader import abi
 
-    name = args.map.removeprefix("dp_").removesuffix("_v1")
+    name = args.map.removeprefix("dp_").removesuffix(f"_v{abi.ABI_VERSION}")
     if name not in MAP_NAMES:
         raise DataplaneError(f"unknown map {args.map!r}; one of: {', '.join(MAP_NAMES)}")
     dp = _datapath(args)

@@ -106,8 +106,8 @@ def rows_for(attr: str, dp, limit: int | None = None) -> list[dict]:
         rows.append({"generation": live, "epoch": c.epoch, "audit_default": tables.live_audit_default(dp),
                      "allow_sample": c.allow_sample})
     elif attr == "rules":
-        for rule, (pk, by) in sorted(dp.rule_counters().items()):
-            rows.append({"rule": rule, "packets": pk, "bytes": by})
+        for (rule, direction), (pk, by) in sorted(dp.rule_counters_by_direction().items()):
+            rows.append({"rule": rule, "direction": direction.name.lower(), "packets": pk, "bytes": by})
     elif attr == "reasons":
         for reason, (pk, by) in sorted(dp.reason_counters().items()):
             rows.append({"reason": getattr(reason, "name", str(reason)).lower(), "code": int(reason),

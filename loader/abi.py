@@ -12,7 +12,7 @@ import enum
 import ipaddress
 import socket
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_PLENS = 40
 MAX_RANGES = 16
 REASON_MAX = 64
@@ -211,6 +211,10 @@ class Counter(_Struct):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
 
+class RuleCounter(_Struct):
+    _fields_ = [("dir", Counter * 2)]
+
+
 class Event(_Struct):
     _fields_ = [("ts_ns", u64), ("saddr", Addr), ("daddr", Addr), ("sport", u16), ("dport", u16),
                 ("proto", u8), ("family", u8), ("dir", u8), ("verdict", u8), ("reason", u8),
@@ -223,7 +227,8 @@ C_STRUCTS = {
     "dp_ip_key": IpKey, "dp_ip_val": IpVal, "dp_plen": Plen, "dp_plens": Plens,
     "dp_policy_key": PolicyKey, "dp_policy_val": PolicyVal, "dp_port_range": PortRange,
     "dp_range_set": RangeSet, "dp_ct_key": CtKey, "dp_ct_val": CtVal, "dp_frag_key": FragKey,
-    "dp_frag_val": FragVal, "dp_gen": Gen, "dp_config": Config, "dp_counter": Counter, "dp_event": Event,
+    "dp_frag_val": FragVal, "dp_gen": Gen, "dp_config": Config, "dp_counter": Counter, "dp_rule_counter": RuleCounter,
+    "dp_event": Event,
 }
 
 

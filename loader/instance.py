@@ -63,20 +63,20 @@ class MapSpec:
 
 u32 = ctypes.c_uint32
 MAP_SPECS = [
-    MapSpec("ipcache", "dp_ipcache_v1", abi.IpKey, abi.IpVal, "ipcache_max"),
-    MapSpec("plens", "dp_plens_v1", u32, abi.Plens, fixed_size=4),
-    MapSpec("gen", "dp_gen_v1", u32, abi.Gen, fixed_size=1),
-    MapSpec("policy", "dp_policy_v1", abi.PolicyKey, abi.PolicyVal, "policy_max"),
-    MapSpec("ranges", "dp_ranges_v1", u32, abi.RangeSet, "ranges_max", map_type=libbpf.BPF_MAP_TYPE_ARRAY),
-    MapSpec("ct", "dp_ct_v1", abi.CtKey, abi.CtVal, "ct_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),
-    MapSpec("frag", "dp_frag_v1", abi.FragKey, abi.FragVal, "frag_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),
-    MapSpec("config", "dp_config_v1", u32, abi.Config, fixed_size=1, map_type=libbpf.BPF_MAP_TYPE_ARRAY),
-    MapSpec("rules", "dp_rules_v1", u32, abi.Counter, "rules_max", map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
-    MapSpec("reasons", "dp_reasons_v1", u32, abi.Counter, fixed_size=abi.REASON_MAX,
+    MapSpec("ipcache", "dp_ipcache_v2", abi.IpKey, abi.IpVal, "ipcache_max"),
+    MapSpec("plens", "dp_plens_v2", u32, abi.Plens, fixed_size=4),
+    MapSpec("gen", "dp_gen_v2", u32, abi.Gen, fixed_size=1),
+    MapSpec("policy", "dp_policy_v2", abi.PolicyKey, abi.PolicyVal, "policy_max"),
+    MapSpec("ranges", "dp_ranges_v2", u32, abi.RangeSet, "ranges_max", map_type=libbpf.BPF_MAP_TYPE_ARRAY),
+    MapSpec("ct", "dp_ct_v2", abi.CtKey, abi.CtVal, "ct_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),
+    MapSpec("frag", "dp_frag_v2", abi.FragKey, abi.FragVal, "frag_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),
+    MapSpec("config", "dp_config_v2", u32, abi.Config, fixed_size=1, map_type=libbpf.BPF_MAP_TYPE_ARRAY),
+    MapSpec("rules", "dp_rules_v2", u32, abi.RuleCounter, "rules_max", map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
+    MapSpec("reasons", "dp_reasons_v2", u32, abi.Counter, fixed_size=abi.REASON_MAX,
             map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
-    MapSpec("stats", "dp_stats_v1", u32, ctypes.c_uint64, fixed_size=abi.STAT_MAX,
+    MapSpec("stats", "dp_stats_v2", u32, ctypes.c_uint64, fixed_size=abi.STAT_MAX,
             map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
-    MapSpec("events", "dp_events_v1", None, None, "events_bytes", map_type=libbpf.BPF_MAP_TYPE_RINGBUF),
+    MapSpec("events", "dp_events_v2", None, None, "events_bytes", map_type=libbpf.BPF_MAP_TYPE_RINGBUF),
 ]
 MAPS_BY_ATTR = {m.attr: m for m in MAP_SPECS}
 
@@ -568,16 +568,30 @@ class Datapath:
                     out[k.value] = (pk, by)
         return out
 
-    def rule_counter(self, rule_id: int) -> tuple[int, int]:
+    def rule_counter(self, rule_id: int, direction: int | None = None) -> tuple[int, int]:
+        """(packets, bytes) of one rule, in one direction or both."""
         per_cpu = self.maps["rules"].lookup(rule_id)
-        return sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)
+        dirs = (0, 1) if direction is None else (int(direction),)
+        return (sum(c.dir[d].packets for c in per_cpu for d in dirs),
+                sum(c.dir[d].bytes for c in per_cpu for d in dirs))
 
     def rule_counters(self) -> dict[int, tuple[int, int]]:
+        """rule id -> (packets, bytes) over both directions, rules that counted any."""
+        out = {}
+        for (rule_id, _), (pk, by) in self.rule_counters_by_direction().items():
+            old = out.get(rule_id, (0, 0))
+            out[rule_id] = (old[0] + pk, old[1] + by)
+        return out
+
+    def rule_counters_by_direction(self) -> dict[tuple[int, abi.Direction], tuple[int, int]]:
+        """(rule id, direction) -> (packets, bytes), summed over the CPUs;
+        only the pairs that counted a packet. Read in one batch per call."""
         out = {}
         for k, per_cpu in self.maps["rules"].items():
-            pk = sum(c.packets for c in per_cpu)
-            if pk:
-                out[k.value] = (pk, sum(c.bytes for c in per_cpu))
+            for d in (abi.Direction.INGRESS, abi.Direction.EGRESS):
+                pk = sum(c.dir[d].packets for c in per_cpu)
+                if pk:
+                    out[(k.value, d)] = (pk, sum(c.dir[d].bytes for c in per_cpu))
         return out
 
     def stat_counters(self) -> dict[abi.Stat, int]:

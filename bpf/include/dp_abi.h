@@ -13,7 +13,7 @@
 #ifndef DP_ABI_H
 #define DP_ABI_H
 
-#define DP_ABI_VERSION 1
+#define DP_ABI_VERSION 2
 
 /* Reserved identities. Allocated identities start at DP_ID_FIRST_ALLOCATED. */
 enum dp_reserved_identity {
@@ -258,10 +258,17 @@ struct dp_config {
 	__u32 pad;
 };
 
-/* Per-CPU packet and byte counter (per rule in dp_rules, per reason in dp_reasons). */
+/* Per-CPU packet and byte counter (per reason in dp_reasons). */
 struct dp_counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* Per-CPU counters of one rule in dp_rules, by the direction of the
+ * judgement (enum dp_direction): packets of a flow count under the
+ * direction the flow was judged in, replies included. */
+struct dp_rule_counter {
+	struct dp_counter dir[2];
 };
 
 /* Verdict event. Written by hooks to the dp_events ring buffer, read by the

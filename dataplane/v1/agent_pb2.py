@@ -22,19 +22,20 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from dataplane.v1 import flow_pb2 as dataplane_dot_v1_dot_flow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x61taplane/v1/agent.proto\x12\x0c\x64\x61taplane.v1\"\x14\n\x12\x41gentStatusRequest\"\xcf\x01\n\x0b\x41gentStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x12\n\ncontroller\x18\x06 \x01(\t\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x08 \x01(\r\x12\x10\n\x08prefixes\x18\t \x01(\r\x12\x12\n\napplied_at\x18\n \x01(\t\x12\x12\n\nlast_error\x18\x0b \x01(\t2N\n\x05\x41gent\x12\x45\n\x06Status\x12 .dataplane.v1.AgentStatusRequest\x1a\x19.dataplane.v1.AgentStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x61taplane/v1/agent.proto\x12\x0c\x64\x61taplane.v1\x1a\x17\x64\x61taplane/v1/flow.proto\"\x14\n\x12\x41gentStatusRequest\"\xcf\x01\n\x0b\x41gentStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x12\n\ncontroller\x18\x06 \x01(\t\x12\x11\n\tconnected\x18\x07 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x08 \x01(\r\x12\x10\n\x08prefixes\x18\t \x01(\r\x12\x12\n\napplied_at\x18\n \x01(\t\x12\x12\n\nlast_error\x18\x0b \x01(\t2\x9b\x01\n\x05\x41gent\x12\x45\n\x06Status\x12 .dataplane.v1.AgentStatusRequest\x1a\x19.dataplane.v1.AgentStatus\x12K\n\x08GetFlows\x12\x1d.dataplane.v1.GetFlowsRequest\x1a\x1e.dataplane.v1.GetFlowsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dataplane.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTSTATUSREQUEST']._serialized_start=42
-  _globals['_AGENTSTATUSREQUEST']._serialized_end=62
-  _globals['_AGENTSTATUS']._serialized_start=65
-  _globals['_AGENTSTATUS']._serialized_end=272
-  _globals['_AGENT']._serialized_start=274
-  _globals['_AGENT']._serialized_end=352
+  _globals['_AGENTSTATUSREQUEST']._serialized_start=67
+  _globals['_AGENTSTATUSREQUEST']._serialized_end=87
+  _globals['_AGENTSTATUS']._serialized_start=90
+  _globals['_AGENTSTATUS']._serialized_end=297
+  _globals['_AGENT']._serialized_start=300
+  _globals['_AGENT']._serialized_end=455
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from dataplane.v1 import agent_pb2 as dataplane_dot_v1_dot_agent__pb2
+from dataplane.v1 import flow_pb2 as dataplane_dot_v1_dot_flow__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -39,6 +40,11 @@ class AgentStub:
                 request_serializer=dataplane_dot_v1_dot_agent__pb2.AgentStatusRequest.SerializeToString,
                 response_deserializer=dataplane_dot_v1_dot_agent__pb2.AgentStatus.FromString,
                 _registered_method=True)
+        self.GetFlows = channel.unary_stream(
+                '/dataplane.v1.Agent/GetFlows',
+                request_serializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsRequest.SerializeToString,
+                response_deserializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -50,6 +56,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFlows(self, request, context):
+        """Flows kept (the last N, since a time) matching the filters, then, with
+        follow, new ones as they come. A slow reader is told how many it lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +71,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=dataplane_dot_v1_dot_agent__pb2.AgentStatusRequest.FromString,
                     response_serializer=dataplane_dot_v1_dot_agent__pb2.AgentStatus.SerializeToString,
+            ),
+            'GetFlows': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetFlows,
+                    request_deserializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsRequest.FromString,
+                    response_serializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +105,33 @@ class Agent:
             '/dataplane.v1.Agent/Status',
             dataplane_dot_v1_dot_agent__pb2.AgentStatusRequest.SerializeToString,
             dataplane_dot_v1_dot_agent__pb2.AgentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dataplane.v1.Agent/GetFlows',
+            dataplane_dot_v1_dot_flow__pb2.GetFlowsRequest.SerializeToString,
+            dataplane_dot_v1_dot_flow__pb2.GetFlowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from dataplane.v1 import controller_pb2 as dataplane_dot_v1_dot_controller__pb2
+from dataplane.v1 import flow_pb2 as dataplane_dot_v1_dot_flow__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -164,6 +165,11 @@ class ControllerStub:
                 request_serializer=dataplane_dot_v1_dot_controller__pb2.FleetStatusRequest.SerializeToString,
                 response_deserializer=dataplane_dot_v1_dot_controller__pb2.FleetStatusResponse.FromString,
                 _registered_method=True)
+        self.GetFlows = channel.unary_stream(
+                '/dataplane.v1.Controller/GetFlows',
+                request_serializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsRequest.SerializeToString,
+                response_deserializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -235,6 +241,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFlows(self, request, context):
+        """Flows from every agent connected to this controller (see Agent.GetFlows).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -292,6 +305,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.FleetStatus,
                     request_deserializer=dataplane_dot_v1_dot_controller__pb2.FleetStatusRequest.FromString,
                     response_serializer=dataplane_dot_v1_dot_controller__pb2.FleetStatusResponse.SerializeToString,
+            ),
+            'GetFlows': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetFlows,
+                    request_deserializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsRequest.FromString,
+                    response_serializer=dataplane_dot_v1_dot_flow__pb2.GetFlowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -591,6 +609,33 @@ class Controller:
             '/dataplane.v1.Controller/FleetStatus',
             dataplane_dot_v1_dot_controller__pb2.FleetStatusRequest.SerializeToString,
             dataplane_dot_v1_dot_controller__pb2.FleetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dataplane.v1.Controller/GetFlows',
+            dataplane_dot_v1_dot_flow__pb2.GetFlowsRequest.SerializeToString,
+            dataplane_dot_v1_dot_flow__pb2.GetFlowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
