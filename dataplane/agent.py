@@ -89,6 +89,13 @@ def compile_for(policy: Policy, inventory: Inventory, host: str, ws: Workspace,
     return compiler, compiler.compile(host)
 
 
+def names_of(state: CompiledState, revision: int = 0):
+    from dataplane.flows import Names
+
+    return Names.build(state.host, revision, state.audit_default, state.rule_names(),
+                       {n: render(lab) for n, lab in state.labels.items()}, state.entries)
+
+
 def apply_compiled(dp, state: CompiledState, ws: Workspace, sources: dict | None = None) -> tables.ApplyResult:
     """Capacity check, then one atomic switch to the compiled state, then the
     record of what is in force. Numbers are saved before the maps change, so
@@ -109,6 +116,7 @@ def apply_compiled(dp, state: CompiledState, ws: Workspace, sources: dict | None
         "counts": {"prefixes": len(state.identities), "entries": len(state.entries),
                    "rules": len(state.rule_ids), "identities": len(state.labels)},
         "rules": {str(i): n for n, i in sorted(state.rule_ids.items(), key=lambda kv: kv[1])},
+        "actions": names_of(state).actions_record(),
         "identities": {str(n): render(lab) for n, lab in sorted(state.labels.items())},
         "locals": state.locals,
         "warnings": state.warnings,
@@ -134,6 +142,7 @@ class AgentOptions:
     ingress: str = "xdp"
     state_dir: str | None = None
     poll_interval: float = 0.5
+    metrics: str | None = None          # HOST:PORT of the Prometheus endpoint; None: off
 
 
 class Agent:
@@ -148,14 +157,26 @@ class Agent:
         self._next_change: dt.datetime | None = None
         self._state_digest: str | None = None
         self.applied = 0
+        self.applied_at = 0.0
+        from dataplane.flows import Names
+
+        self.names = Names.from_record(self.ws.read_applied() or {}, self.host)
+        self.telemetry = None
 
     def start(self) -> None:
+        from dataplane.telemetry import Telemetry
+
         outcome = self.dp.load()
         log.info("datapath %s (%s)", self.dp.instance, outcome)
         for ifname in self.opts.interfaces:
             rec = self.dp.attach(ifname, self.opts.netns, ingress=self.opts.ingress)
             log.info("attached to %s%s (%s)", ifname, f" in {self.opts.netns}" if self.opts.netns else "",
                      rec.get("xdp_mode", "tc"))
+        self.telemetry = Telemetry(self.dp, self.host, lambda: self.names, self._agent_stats,
+                                   metrics=self.opts.metrics).start()
+
+    def _agent_stats(self) -> dict:
+        return {"mode": "standalone", "applied_at": self.applied_at}
 
     def _fingerprint(self) -> tuple:
         return tuple(_digest(p) for p in (self.opts.policy, self.opts.inventory))
@@ -188,6 +209,8 @@ class Agent:
         self._next_change = state.next_change
         self._state_digest = digest
         self.applied += 1
+        self.applied_at = time.time()
+        self.names = names_of(state, self.applied)
         log.info("applied: %d entries, %d prefixes, generation %d, epoch %d, %.1f ms%s",
                  len(state.entries), len(state.identities), result.generation, result.epoch,
                  (time.monotonic() - t0) * 1000,
@@ -212,6 +235,8 @@ class Agent:
                 break
             self._wake.clear()
             self.reconcile(force=woke)
+        if self.telemetry:
+            self.telemetry.stop()
         log.info("stopping; the datapath keeps enforcing the last applied state")
 
     def stop(self) -> None:

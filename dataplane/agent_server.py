@@ -1,5 +1,6 @@
-"""The agent's own gRPC server on a local unix socket: Agent.Status, plus
-grpc.health.v1 and server reflection (so grpcurl works against it)."""
+"""The agent's own gRPC server on a local unix socket: Agent.Status,
+Agent.GetFlows, grpc.health.v1 and server reflection (so grpcurl works
+against it)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,20 @@ from dataplane.v1 import agent_pb2, agent_pb2_grpc
 
 
 class _Servicer(agent_pb2_grpc.AgentServicer):
-    def __init__(self, status_fn, instance: str):
+    def __init__(self, status_fn, instance: str, hub=None):
         self.status_fn = status_fn
         self.instance = instance
+        self.hub = hub
+
+    def GetFlows(self, request, context):
+        from dataplane.flows import FilterError, stream_flows
+
+        if self.hub is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this agent keeps no flows (no datapath)")
+        try:
+            return stream_flows(self.hub, request, context)
+        except FilterError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def Status(self, request, context):
         s = self.status_fn()
@@ -27,7 +39,7 @@ def socket_path(instance: str, run_dir: str = "/run/dataplane") -> str:
     return os.path.join(run_dir, instance, "agent.sock")
 
 
-def serve_status(instance: str, status_fn, path: str | None = None) -> grpc.Server:
+def serve_status(instance: str, status_fn, path: str | None = None, hub=None) -> grpc.Server:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -35,8 +47,9 @@ def serve_status(instance: str, status_fn, path: str | None = None) -> grpc.Serv
     Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if os.path.exists(path):
         os.unlink(path)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    agent_pb2_grpc.add_AgentServicer_to_server(_Servicer(status_fn, instance), server)
+    # A following flow client holds a thread for as long as it follows.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), maximum_concurrent_rpcs=64)
+    agent_pb2_grpc.add_AgentServicer_to_server(_Servicer(status_fn, instance, hub), server)
     h = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(h, server)
     names = [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name,

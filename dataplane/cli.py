@@ -462,7 +462,7 @@ def cmd_controller(args) -> int:
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     tls = _tls(args, "controller")
     store = open_store(args.store)
-    controller.run(store, args.name or args.listen, args.listen, tls)
+    controller.run(store, args.name or args.listen, args.listen, tls, metrics=args.metrics)
     return 0
 
 
@@ -604,6 +604,97 @@ def cmd_fleet_endpoints(args) -> int:
     return 0
 
 
+# --- observe ---------------------------------------------------------------------
+
+def _observe_request(args):
+    from dataplane.flows import FIELDS, FilterError, compile_filters, parse_since
+    from dataplane.v1 import flow_pb2
+
+    exprs = list(args.filter)
+    for field in FIELDS:
+        for value in getattr(args, f"f_{field}", None) or []:
+            exprs.append(f"{field}={value}")
+    try:
+        compile_filters(exprs)          # the same checks the server makes, before connecting
+        parse_since(args.since or "")
+    except FilterError as e:
+        raise DataplaneError(str(e)) from None
+    number = args.last if args.last is not None else (0 if args.follow else 20)
+    return flow_pb2.GetFlowsRequest(filter=exprs, number=number, follow=args.follow, since=args.since or "")
+
+
+def _flow_row(f) -> dict:
+    import datetime as dt
+
+    def end(addr, port, ident):
+        where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        labels = dict(ident.labels)
+        name = (labels.get("reserved") or labels.get("user") or labels.get("name") or labels.get("app")
+                or labels.get("cidr") or "")
+        return f"{where} ({ident.id}{' ' + name if name else ''})"
+
+    t = dt.datetime.fromtimestamp(f.time_unix_ns / 1e9, dt.timezone.utc)
+    return {"time": t.strftime("%H:%M:%S.%f")[:-3], "host": f.host, "source": end(f.source, f.source_port,
+            f.source_identity), "destination": end(f.destination, f.destination_port, f.destination_identity),
+            "proto": f.protocol, "dir": f.direction, "verdict": f.verdict.upper(), "rule": f.rule,
+            "reason": f.reason}
+
+
+def cmd_observe(args) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from dataplane.v1 import agent_pb2_grpc, controller_pb2_grpc
+
+    request = _observe_request(args)
+    if args.controller:
+        from dataplane.fleet_agent import channel_to
+
+        channel = channel_to(args.controller.split(",")[0], _tls(args, f"admin-{args.as_admin}"))
+        call = controller_pb2_grpc.ControllerStub(channel).GetFlows(request)
+        where = f"controller {args.controller}"
+    else:
+        from dataplane.agent_server import socket_path
+
+        path = args.socket or socket_path(args.instance)
+        if not os.path.exists(path):
+            raise DataplaneError(f"no agent socket at {path}: is `dataplane --instance {args.instance} agent` "
+                                 f"running? (fleet-wide: --controller)")
+        channel = grpc.insecure_channel(f"unix:{path}")
+        call = agent_pb2_grpc.AgentStub(channel).GetFlows(request)
+        where = f"agent {path}"
+    columns = ["time", "host", "source", "destination", "proto", "dir", "verdict", "rule", "reason"]
+    widths = {"time": 12, "host": 10, "source": 30, "destination": 30, "proto": 6, "dir": 7, "verdict": 7,
+              "rule": 20, "reason": 0}
+    header = False
+    try:
+        for item in call:
+            if item.WhichOneof("item") == "lost":
+                if args.output == "json":
+                    print(json.dumps({"lost": item.lost}), flush=True)
+                else:
+                    print(f"... {item.lost} flows lost (this client read too slowly)", flush=True)
+                continue
+            f = item.flow
+            if args.output == "json":
+                print(json.dumps(json_format.MessageToDict(f, preserving_proto_field_name=True)), flush=True)
+                continue
+            row = _flow_row(f)
+            if not header:
+                print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+                header = True
+            print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip(), flush=True)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.CANCELLED:
+            return 130
+        raise DataplaneError(f"{where}: {e.code().name}: {e.details()}") from None
+    except BrokenPipeError:
+        return 0
+    finally:
+        channel.close()
+    return 0
+
+
 # --- agent -----------------------------------------------------------------------
 
 def cmd_agent(args) -> int:
@@ -630,9 +721,10 @@ def cmd_agent(args) -> int:
         agent = FleetAgent(dp, FleetOptions(
             controllers=args.controller.split(","), host=host, tls=_tls(args, f"agent-{host}"),
             interfaces=args.interface, netns=args.netns, ingress=args.ingress, state_dir=args.state_dir,
-            endpoints=load_endpoints(args.endpoints) if args.endpoints else [], addresses=args.address or []))
+            endpoints=load_endpoints(args.endpoints) if args.endpoints else [], addresses=args.address or [],
+            metrics=args.metrics, upload_flows=args.flow_upload))
         agent.start()
-        server = serve_status(args.instance, agent.status)
+        server = serve_status(args.instance, agent.status, hub=agent.telemetry.hub)
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         signal.signal(signal.SIGINT, lambda *_: agent.stop())
         agent.run()
@@ -641,9 +733,9 @@ def cmd_agent(args) -> int:
         return 0
     agent = Agent(dp, AgentOptions(
         policy=args.policy, inventory=args.inventory, interfaces=args.interface, netns=args.netns,
-        host=args.host, ingress=args.ingress, state_dir=args.state_dir))
+        host=args.host, ingress=args.ingress, state_dir=args.state_dir, metrics=args.metrics))
     agent.start()
-    server = serve_status(args.instance, agent.status)
+    server = serve_status(args.instance, agent.status, hub=agent.telemetry.hub)
     agent.run()
     server.stop(0)
     return 0
@@ -800,6 +892,11 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--ingress", choices=["xdp", "tc"], default="xdp")
     ag.add_argument("--state-dir", dest="state_dir",
                     help="numbering and applied-state records (default: /var/lib/dataplane/<instance>)")
+    ag.add_argument("--metrics", metavar="HOST:PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
+                         "the conventional port is 9590)")
+    ag.add_argument("--no-flow-upload", dest="flow_upload", action="store_false",
+                    help="fleet mode: do not send flows to the controller")
     ag.set_defaults(func=cmd_agent)
 
     def admin(p):
@@ -819,7 +916,38 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--tls-dir", dest="tls_dir", default=DEFAULT_TLS_DIR,
                     help="ca.pem, controller.pem, controller.key (default: %(default)s)")
     ct.add_argument("--insecure", action="store_true", help="plaintext, no client authentication (tests only)")
+    ct.add_argument("--metrics", metavar="HOST:PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
+                         "the conventional port is 9591)")
     ct.set_defaults(func=cmd_controller)
+
+    ob = nouns.add_parser("observe", help="flows the datapath judged: drops, audits, sampled allows",
+                          description="Flows from this host's agent (default) or, with --controller, from every "
+                                      "agent connected to that controller. Filters combine with AND; a value may "
+                                      "list alternatives: --verdict deny,audit.")
+    ob.add_argument("--controller", nargs="?", const=DEFAULT_CONTROLLER,
+                    help="fleet-wide, from a controller (default address: %(const)s)")
+    ob.add_argument("--tls-dir", dest="tls_dir", default=DEFAULT_TLS_DIR, help=argparse.SUPPRESS)
+    ob.add_argument("--as", dest="as_admin", default=os.environ.get("DATAPLANE_ADMIN", "admin"),
+                    help=argparse.SUPPRESS)
+    ob.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    ob.add_argument("--socket", help="the agent's socket (default: /run/dataplane/<instance>/agent.sock)")
+    ob.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
+    ob.add_argument("--last", type=int, help="the last N matching flows kept (default: 20; with -f: 0)")
+    ob.add_argument("--since", help="RFC 3339 time or a duration ago: 90s, 5m, 2h")
+    for flag, field in (("verdict", "verdict"), ("reason", "reason"), ("rule", "rule"), ("direction", "direction"),
+                        ("protocol", "protocol"), ("host", "host"), ("ip", "ip"), ("from-ip", "source-ip"),
+                        ("to-ip", "destination-ip"), ("port", "port"), ("from-port", "source-port"),
+                        ("to-port", "destination-port"), ("label", "label"), ("from-label", "source-label"),
+                        ("to-label", "destination-label"), ("identity", "identity")):
+        ob.add_argument(f"--{flag}", dest=f"f_{field}", action="append", metavar="VALUE",
+                        help=f"filter {field}=VALUE")
+    ob.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any filter field (see docs/metrics.md); repeat for several")
+    ob.add_argument("-o", "--output", choices=["table", "json"], default="table",
+                    help="json: one JSON object per line")
+    ob.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    ob.set_defaults(func=cmd_observe)
 
     ce = nouns.add_parser("certs", help="a CA and certificates for a fleet")
     cv = ce.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -27,6 +27,7 @@ from concurrent import futures
 import grpc
 
 from dataplane import certs
+from dataplane.flows import FilterError, FlowHub, FlowRecord, stream_flows
 from dataplane.fleet import HostView, State, session_from_record, utcnow
 from dataplane.inventory import parse_inventory
 from dataplane.policy import parse_policy
@@ -105,6 +106,8 @@ class ControllerCore:
         self._streams: dict[int, Stream] = {}
         self._next_wakeup: dt.datetime | None = None
         self._stop = threading.Event()
+        self.flows = FlowHub(history=16384)     # flows from the agents connected here
+        self.flows_agent_lost = 0
         self.reload()
 
     # -- state ------------------------------------------------------------------
@@ -256,6 +259,30 @@ class ControllerCore:
         with self._lock:
             return {s.host for s in self._streams.values()}
 
+    def stream_statuses(self) -> dict[str, int]:
+        """host -> revision applied, for the agents connected here."""
+        with self._lock:
+            return {s.host: s.applied_revision for s in self._streams.values()}
+
+    def active_sessions(self) -> int:
+        now = utcnow()
+        n = 0
+        for r in list(self.state.sessions.values()):
+            exp = r.get("expires")
+            if not exp or dt.datetime.fromisoformat(exp) > now:
+                n += 1
+        return n
+
+    def flow_counts(self) -> dict:
+        return {"received": self.flows.published, "client_lost": self.flows.client_lost,
+                "agent_lost": self.flows_agent_lost}
+
+    def ingest_flows(self, host: str, batch) -> None:
+        """Flows an agent sent; the host is the stream's (authenticated), not the records'."""
+        self.flows_agent_lost += batch.lost
+        for f in batch.flows:
+            self.flows.publish(FlowRecord.from_pb(f, host=host))
+
     def timers(self) -> None:
         """Re-sends states when a validity window opens or closes, and
         refreshes the status of connected agents (a heartbeat: records not
@@ -357,11 +384,14 @@ class AgentSyncServicer(pb_grpc.AgentSyncServicer):
     def _read_acks(self, request_iterator, stream: Stream) -> None:
         try:
             for msg in request_iterator:
-                if msg.WhichOneof("msg") == "applied":
+                kind = msg.WhichOneof("msg")
+                if kind == "applied":
                     a = msg.applied
                     stream.applied_revision, stream.applied_digest = a.revision, a.digest
                     stream.error, stream.apply_ms = a.error, a.apply_ms
                     stream.queue.put("ack")
+                elif kind == "flows":
+                    self.core.ingest_flows(stream.host, msg.flows)
         except grpc.RpcError:
             pass
         finally:
@@ -530,6 +560,15 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return pb.ListSessionsResponse(sessions=[self._session_msg(r) for _, r in
                                                  sorted(self.core.state.sessions.items())])
 
+    # -- flows ----------------------------------------------------------------------
+
+    @require("admin")
+    def GetFlows(self, request, context):
+        try:
+            return stream_flows(self.core.flows, request, context)
+        except FilterError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+
     # -- fleet ----------------------------------------------------------------------
 
     @require("admin")
@@ -562,6 +601,36 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                                       controller=core.name, leader=core.leader, store_error=store_error)
 
 
+class LatencyInterceptor(grpc.ServerInterceptor):
+    """Observes unary call durations into a histogram labelled method, code."""
+
+    def __init__(self, histogram):
+        self.histogram = histogram
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        hist = self.histogram
+
+        def timed(request, context):
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return inner(request, context)
+            except Exception:
+                c = context.code() if hasattr(context, "code") else None
+                code = c.name if c is not None else "UNKNOWN"
+                raise
+            finally:
+                hist.labels(method, code).observe(time.perf_counter() - t0)
+
+        return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
 def _caller(context) -> tuple[str, str]:
     """(role, common name) from the client certificate of a mutual-TLS call."""
     auth = context.auth_context()
@@ -571,12 +640,13 @@ def _caller(context) -> tuple[str, str]:
     return certs.peer_identity(pem[0])
 
 
-def serve(core: ControllerCore, listen: str, tls: certs.Credentials | None, max_workers: int = 256):
+def serve(core: ControllerCore, listen: str, tls: certs.Credentials | None, max_workers: int = 256,
+          interceptors=()):
     """Starts the gRPC server (controller, agent sync, health, reflection)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=list(interceptors),
                          options=[("grpc.keepalive_time_ms", 10000), ("grpc.keepalive_timeout_ms", 5000),
                                   ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                                   ("grpc.keepalive_permit_without_calls", 1)])
@@ -603,12 +673,21 @@ def serve(core: ControllerCore, listen: str, tls: certs.Credentials | None, max_
     return server, port
 
 
-def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, ready=None) -> None:
+def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, ready=None,
+        metrics: str | None = None) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from dataplane.metrics import ControllerCollector, MetricsServer, api_latency_histogram
+
     core = ControllerCore(store, name)
+    registry = CollectorRegistry()
+    registry.register(ControllerCollector(core, core.flow_counts))
+    interceptor = LatencyInterceptor(api_latency_histogram(registry))
+    metrics_server = MetricsServer(registry, metrics) if metrics else None
     store.campaign(name, core.set_leader)
     store.watch(core.reload)
     threading.Thread(target=core.timers, daemon=True).start()
-    server, port = serve(core, listen, tls)
+    server, port = serve(core, listen, tls, interceptors=[interceptor])
     log.info("controller %s listening on %s (%s, %s)", name, listen.rsplit(":", 1)[0] + f":{port}",
              store.name, "mutual TLS" if tls else "PLAINTEXT")
     if ready:
@@ -621,4 +700,6 @@ def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, rea
     stop.wait()
     core.stop()
     server.stop(grace=1).wait()
+    if metrics_server:
+        metrics_server.stop()
     store.close()

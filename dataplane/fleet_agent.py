@@ -48,6 +48,13 @@ class FleetOptions:
     state_dir: str | None = None
     endpoints: list = dataclasses.field(default_factory=list)   # pb.Endpoint
     addresses: list = dataclasses.field(default_factory=list)
+    metrics: str | None = None          # HOST:PORT of the Prometheus endpoint; None: off
+    upload_flows: bool = True           # send the datapath's flows to the controller
+
+
+UPLOAD_BATCH = 256          # flows per FlowBatch at most
+UPLOAD_INTERVAL_S = 0.2     # a partial batch waits at most this long
+UPLOAD_BACKLOG = 16         # batches queued for the stream before new ones are dropped (and counted)
 
 
 def load_endpoints(path: str) -> list:
@@ -89,6 +96,21 @@ class FleetAgent:
         self._call = None
         self.connected_once = False
         self.on_applied = None           # callback(view, apply_ms), for benchmarks and tests
+        self.telemetry = None
+        self.upload_lost = 0
+        self.names = self._names_of(self.view)
+
+    def _names_of(self, view):
+        from dataplane.flows import Names
+
+        if view is None:
+            return Names(host=self.opts.host)
+        return Names.build(self.opts.host, view.revision, view.audit_default, view.rule_names,
+                           view.identity_labels, view.entries)
+
+    def _set_view(self, view) -> None:
+        self.view = view
+        self.names = self._names_of(view)
 
     # -- local record of what is enforced --
 
@@ -122,12 +144,23 @@ class FleetAgent:
     def start(self) -> None:
         if self.dp is None:
             return
+        from dataplane.telemetry import Telemetry
+
         outcome = self.dp.load()
         log.info("datapath %s (%s)", self.dp.instance, outcome)
         for ifname in self.opts.interfaces:
             rec = self.dp.attach(ifname, self.opts.netns, ingress=self.opts.ingress)
             log.info("attached to %s%s (%s)", ifname, f" in {self.opts.netns}" if self.opts.netns else "",
                      rec.get("xdp_mode", "tc"))
+        self.telemetry = Telemetry(self.dp, self.opts.host, lambda: self.names, self._agent_stats,
+                                   metrics=self.opts.metrics).start()
+
+    def _agent_stats(self) -> dict:
+        import datetime as dt
+
+        applied = dt.datetime.fromisoformat(self.applied_at).timestamp() if self.applied_at else 0.0
+        return {"mode": "fleet", "connected": bool(self.connected_to), "applied_at": applied,
+                "flows_upload_lost": self.upload_lost}
 
     def apply(self, view: HostView) -> tuple[str, float]:
         """Enforces view; returns (error or "", milliseconds)."""
@@ -146,13 +179,14 @@ class FleetAgent:
                     "counts": {"prefixes": len(view.ipcache), "entries": len(view.entries),
                                "rules": len(view.rule_names), "identities": len(view.identity_labels)},
                     "rules": {str(k): v for k, v in sorted(view.rule_names.items())},
+                    "actions": self._names_of(view).actions_record(),
                     "identities": {str(k): v for k, v in sorted(view.identity_labels.items())},
                     "locals": view.locals, "warnings": [], "next_change": view.next_change or None})
                 self._save_view(view)
         except DataplaneError as e:
             log.error("revision %d not applied, the state in force stays: %s", view.revision, e)
             return str(e), (time.monotonic() - t0) * 1000
-        self.view = view
+        self._set_view(view)
         self.applied_at = utcnow().isoformat()
         ms = (time.monotonic() - t0) * 1000
         if self.on_applied:
@@ -182,6 +216,11 @@ class FleetAgent:
         with channel_to(address, self.opts.tls) as channel:
             call = pb_grpc.AgentSyncStub(channel).Sync(requests())
             self._call = call
+            uploading = threading.Event()
+            if self.telemetry is not None and self.opts.upload_flows:
+                uploading.set()
+                threading.Thread(target=self._upload_flows, args=(outq, uploading), name="flow-upload",
+                                 daemon=True).start()
             try:
                 for msg in call:
                     self.connected_to = address
@@ -190,7 +229,7 @@ class FleetAgent:
                     if kind == "in_sync":
                         # Same maps, perhaps a newer revision: record it, apply nothing.
                         log.info("in sync with %s at revision %d", address, msg.in_sync.revision)
-                        self.view = dataclasses.replace(self.view, revision=msg.in_sync.revision)
+                        self._set_view(dataclasses.replace(self.view, revision=msg.in_sync.revision))
                         self._save_view(self.view)
                         outq.put(pb.AgentMessage(applied=pb.Applied(revision=msg.in_sync.revision,
                                                                     digest=self.view.digest())))
@@ -209,7 +248,7 @@ class FleetAgent:
                         raise DataplaneError("state digest mismatch after a delta: resynchronising")
                     if self.view is not None and new.digest() == self.view.digest():
                         # A change elsewhere: same maps, nothing to switch or re-judge.
-                        self.view = new
+                        self._set_view(new)
                         self._save_view(new)
                         outq.put(pb.AgentMessage(applied=pb.Applied(revision=new.revision, digest=new.digest())))
                         continue
@@ -220,9 +259,48 @@ class FleetAgent:
                                                                 digest=self.view.digest() if self.view else "",
                                                                 error=error, apply_ms=ms)))
             finally:
+                uploading.clear()
                 outq.put(None)
                 self._call = None
                 self.connected_to = ""
+
+    def _upload_flows(self, outq: queue.Queue, uploading: threading.Event) -> None:
+        """Sends the flows the datapath reports to the controller, in
+        batches, on the Sync stream, while it is up. Never blocks the stream
+        or the pump: when the stream is behind, batches are dropped and the
+        loss counted (and told to the controller in the next batch)."""
+        from dataplane.v1 import flow_pb2
+
+        batch: list = []
+        lost_unsent = 0
+        last = time.monotonic()
+
+        def flush():
+            nonlocal batch, lost_unsent, last
+            last = time.monotonic()
+            if not batch and not lost_unsent:
+                return
+            if outq.qsize() >= UPLOAD_BACKLOG:
+                self.upload_lost += len(batch)
+                lost_unsent += len(batch)
+            else:
+                outq.put(pb.AgentMessage(flows=flow_pb2.FlowBatch(flows=[r.to_pb() for r in batch],
+                                                                    lost=lost_unsent)))
+                lost_unsent = 0
+            batch = []
+
+        for item in self.telemetry.hub.stream(lambda r: True, follow=True, active=uploading.is_set,
+                                              wait_s=UPLOAD_INTERVAL_S, idle=True):
+            if item is None:                 # idle tick
+                flush()
+                continue
+            if isinstance(item, int):        # this uploader itself fell behind the hub
+                self.upload_lost += item
+                lost_unsent += item
+                continue
+            batch.append(item)
+            if len(batch) >= UPLOAD_BATCH or time.monotonic() - last >= UPLOAD_INTERVAL_S:
+                flush()
 
     def run(self) -> None:
         backoff = BACKOFF_FIRST
@@ -256,6 +334,8 @@ class FleetAgent:
         call = self._call
         if call is not None:
             call.cancel()
+        if self.telemetry is not None:
+            self.telemetry.stop()
 
     def status(self) -> dict:
         return {"host": self.opts.host, "mode": "fleet", "revision": self.view.revision if self.view else 0,

@@ -82,6 +82,17 @@ class Names:
                    actions={k: VERDICTS.get(abi.Verdict(v), "") for k, v in actions.items()},
                    labels={int(k): parse_labels(v) for k, v in identity_labels.items()})
 
+    @classmethod
+    def from_record(cls, record: dict, host: str, revision: int = 0) -> "Names":
+        """From the workspace's applied.json (dataplane.agent.Workspace)."""
+        return cls(host=host, revision=record.get("revision", revision), audit_default=record.get("mode") == "audit",
+                   rules={int(k): v for k, v in record.get("rules", {}).items()},
+                   actions={int(k): v for k, v in record.get("actions", {}).items()},
+                   labels={int(k): parse_labels(v) for k, v in record.get("identities", {}).items()})
+
+    def actions_record(self) -> dict:
+        return {str(k): v for k, v in sorted(self.actions.items())}
+
     def rule(self, rule_id: int) -> str:
         if rule_id == 0:
             return "default"
@@ -139,7 +150,7 @@ class FlowRecord:
                 return None
         proto = PROTOCOL_NUMBERS.get(f.protocol)
         if proto is None:
-            proto = int(f.protocol) if f.protocol.isdigit() else 0
+            proto = int(f.protocol) if _digits(f.protocol) and int(f.protocol) < 256 else 0
         return cls(f.time_unix_ns, host if host is not None else f.host, addr(f.source), addr(f.destination),
                    f.source_port, f.destination_port, proto, f.source_identity.id, f.destination_identity.id,
                    dict(f.source_identity.labels), dict(f.destination_identity.labels), f.direction, f.verdict,
@@ -185,11 +196,15 @@ def _networks(field):
     return parse
 
 
+def _digits(v: str) -> bool:
+    return v.isascii() and v.isdigit()
+
+
 def _ints(field, hi):
     def parse(values):
         out = set()
         for v in values:
-            if not v.isdigit() or int(v) > hi:
+            if not _digits(v) or int(v) > hi:
                 raise FilterError(f"{field}={v!r}: not a number from 0 to {hi}")
             out.add(int(v))
         return out
@@ -197,13 +212,19 @@ def _ints(field, hi):
 
 
 def _labels(field):
+    """KEY, or KEY=V1[,V2...]: the label is present, or has one of the values."""
     def parse(values):
         out = []
         for v in values:
             k, eq, val = v.partition("=")
             if not k or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", k):
                 raise FilterError(f"{field}={v!r}: want KEY=VALUE or KEY")
-            out.append((k, val if eq else None))
+            wanted = None
+            if eq:
+                wanted = {x.strip() for x in val.split(",") if x.strip()}
+                if not wanted:
+                    raise FilterError(f"{field}={v!r}: want KEY=VALUE or KEY")
+            out.append((k, wanted))
         return out
     return parse
 
@@ -213,7 +234,7 @@ def _protocols(values):
     for v in values:
         if v in PROTOCOL_NUMBERS:
             out.add(PROTOCOL_NUMBERS[v])
-        elif v.isdigit() and int(v) < 256:
+        elif _digits(v) and int(v) < 256:
             out.add(int(v))
         else:
             raise FilterError(f"protocol={v!r}: not tcp, udp, icmp, icmpv6 or a number below 256")
@@ -221,10 +242,11 @@ def _protocols(values):
 
 
 def _has(labels: dict, wanted) -> bool:
-    for k, v in wanted:
+    for k, values in wanted:
         if k not in labels:
             continue
-        if v is None or v in labels[k].split(","):   # group=a,b holds for group=a
+        # A list-valued label (group=a,b) holds each of its values.
+        if values is None or values & set(labels[k].split(",")):
             return True
     return False
 
@@ -257,8 +279,7 @@ FIELDS = {
 
 
 def _split_values(text: str) -> list[str]:
-    """Commas separate alternatives (label fields take one KEY=VALUE, whose
-    value may itself be a list: group=a,b)."""
+    """Commas separate alternatives (label fields take one KEY=V1[,V2...])."""
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -275,6 +296,8 @@ def compile_filters(exprs) -> "callable":
             raise FilterError(f"filter {expr!r}: want {field}=VALUE")
         parse, test = FIELDS[field]
         values = [value.strip()] if field.endswith("label") else _split_values(value)
+        if not values:
+            raise FilterError(f"filter {expr!r}: want {field}=VALUE")
         parsed = parse(values)
         tests.append((test, parsed))
 
@@ -283,8 +306,9 @@ def compile_filters(exprs) -> "callable":
     return match
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$", re.ASCII)
+_UNIT_NS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9}
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def parse_since(text: str, now_ns: int | None = None) -> int:
@@ -295,14 +319,16 @@ def parse_since(text: str, now_ns: int | None = None) -> int:
     now_ns = time.time_ns() if now_ns is None else now_ns
     m = _DURATION.match(text)
     if m:
-        return now_ns - int(float(m.group(1)) * _UNITS[m.group(2)] * 1e9)
+        from fractions import Fraction
+
+        return now_ns - int(Fraction(m.group(1)) * _UNIT_NS[m.group(2)])
     try:
         t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise FilterError(f"since={text!r}: want an RFC 3339 time or a duration such as 90s, 5m, 2h") from None
     if t.tzinfo is None:
         raise FilterError(f"since={text!r}: give a time zone (Z or +HH:MM)")
-    return int(t.timestamp() * 1e9)
+    return (t - _EPOCH) // dt.timedelta(microseconds=1) * 1000
 
 
 # --- the hub ----------------------------------------------------------------------
@@ -358,10 +384,11 @@ class FlowHub:
         return len(self._history)
 
     def stream(self, match, number: int = 0, since_ns: int = 0, follow: bool = False, active=lambda: True,
-               wait_s: float = 0.5, client_queue: int | None = None):
+               wait_s: float = 0.5, client_queue: int | None = None, idle: bool = False):
         """Yields FlowRecords kept (the last `number` matching, since
         since_ns), then, with follow, new ones until active() is false or
-        the generator is closed; an int n means n flows were lost."""
+        the generator is closed; an int n means n flows were lost; with
+        idle, None each time wait_s passes without a flow."""
         sub = None
         with self._lock:
             past = [r for r in self._history if r.time_ns >= since_ns and match(r)]
@@ -381,11 +408,31 @@ class FlowHub:
                     lost, sub.lost = sub.lost, 0
                 if lost:
                     yield lost
+                if idle and not items and not lost:
+                    yield None
                 yield from items
         finally:
             if sub is not None:
                 with self._lock:
                     self._subs.discard(sub)
+
+
+def stream_flows(hub: FlowHub, request, context):
+    """Validates a GetFlowsRequest (FilterError) and returns the response
+    generator; shared by the agent's and the controller's GetFlows."""
+    from dataplane.v1 import flow_pb2
+
+    match = compile_filters(request.filter)
+    since = parse_since(request.since)
+
+    def gen():
+        for item in hub.stream(match, number=request.number, since_ns=since, follow=request.follow,
+                               active=context.is_active):
+            if isinstance(item, int):
+                yield flow_pb2.GetFlowsResponse(lost=item)
+            else:
+                yield flow_pb2.GetFlowsResponse(flow=item.to_pb())
+    return gen()
 
 
 # --- the pump ----------------------------------------------------------------------
@@ -408,11 +455,11 @@ class EventPump:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._offset = mono_to_unix_offset_ns()
-        self._names = names_fn()
 
     def _on_event(self, ev) -> None:
         self.received += 1
-        self.hub.publish(FlowRecord.from_event(ev, self._names, self._offset))
+        # names_fn() at each event: a flow is named by the state in force when it is read.
+        self.hub.publish(FlowRecord.from_event(ev, self.names_fn(), self._offset))
 
     def start(self) -> "EventPump":
         from loader.events import EventReader
@@ -427,7 +474,6 @@ class EventPump:
 
         log = logging.getLogger("dataplane.flows")
         while not self._stop.is_set():
-            self._names = self.names_fn()
             self._offset = mono_to_unix_offset_ns()
             try:
                 self._reader.poll(self.poll_ms)

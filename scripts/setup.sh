@@ -13,7 +13,7 @@ fi
 
 arch=$(dpkg --print-architecture)
 pkgs=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1 bpftool clang llvm
-      "linux-headers-$arch" iproute2 iputils-ping ethtool procps make git etcd-server)
+      "linux-headers-$arch" iproute2 iputils-ping ethtool procps make git etcd-server prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,6 +23,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The tests start their own etcd and Prometheus on loopback; the system
+    # services the packages start are not needed here.
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        for unit in etcd prometheus; do
+            case " ${missing[*]} " in *" ${unit/etcd/etcd-server} "*)
+                systemctl disable --now "$unit" >/dev/null 2>&1 || true ;;
+            esac
+        done
+    fi
 fi
 
 # bcc looks for kernel headers under /lib/modules/$(uname -r). When the

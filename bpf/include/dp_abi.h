@@ -45,7 +45,7 @@ enum dp_reason {
 	DP_PASS_RELATED = 4,		/* ICMP error quoting an allowed flow */
 	DP_PASS_FRAGMENT = 5,		/* later fragment whose first fragment passed */
 	DP_PASS_ARP = 6,
-	DP_PASS_ND = 7,			/* IPv6 neighbour discovery (ICMPv6 133-137) */
+	DP_PASS_ND = 7,			/* IPv6 neighbour and multicast listener discovery */
 	DP_PASS_NON_IP = 8,		/* neither IPv4, IPv6 nor ARP: not subject to IP policy */
 	DP_PASS_AUDIT = 9,		/* would be denied (audit rule or audit default) */
 	DP_PASS_REJUDGED = 10,		/* stale conntrack entry judged again and still allowed */

@@ -314,6 +314,11 @@ static __always_inline int dp_parse_l4(struct dp_cursor *c, struct dp_pkt *p)
 			return DP_REASON_NONE;
 		if (p->t.family == DP_FAMILY_IPV6 && ih->type >= 133 && ih->type <= 137)
 			return DP_PASS_ND;
+		/* Multicast listener discovery (queries, reports, done) to a
+		 * multicast group: link-local control, like neighbour discovery. */
+		if (p->t.family == DP_FAMILY_IPV6 && ((const __u8 *)p->t.daddr)[0] == 0xff &&
+		    ((ih->type >= 130 && ih->type <= 132) || ih->type == 143))
+			return DP_PASS_ND;
 		if (dp_is_icmp_echo(p->t.family, ih->type)) {
 			p->t.sport = ih->id;
 			p->t.dport = ih->id;

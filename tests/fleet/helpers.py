@@ -401,9 +401,13 @@ class Controller:
         self.starts += 1
         log = self.workdir / f"controller-{self.name}-{self.starts}.log"
         self.proc = LoggedProcess([CLI, "controller", "--listen", f"127.0.0.1:{self.port}", "--store", self.store,
-                                   "--tls-dir", self.tls_dir, "--name", self.name], log, self.registry)
+                                   "--tls-dir", self.tls_dir, "--name", self.name, "--metrics", "127.0.0.1:0"],
+                                  log, self.registry)
         line = self.proc.wait_line(lambda l: " listening on " in l, timeout)
         assert line, f"controller did not start: {self.proc.describe()}"
+        metrics = self.proc.wait_line(lambda l: "metrics on http://" in l, 1)
+        assert metrics, self.proc.describe()
+        self.metrics_port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", metrics).group(1))
         port = int(re.search(r"listening on \S+:(\d+) ", line).group(1))
         assert self.port in (0, port), line
         self.port = port
@@ -411,6 +415,17 @@ class Controller:
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         return self.proc.stop(sig) if self.proc else None
+
+    def scrape(self) -> dict:
+        """{(sample name, frozenset(labels)): value} from the controller's /metrics."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 class AgentProcess:

@@ -1,0 +1,38 @@
+"""What an agent tells about its datapath: the flow stream (an EventPump
+feeding a FlowHub, served by Agent.GetFlows and sent to the controller in
+fleet mode) and the Prometheus endpoint (DatapathCollector)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from dataplane.flows import EventPump, FlowHub
+from dataplane.metrics import DatapathCollector, MetricsServer
+
+log = logging.getLogger("dataplane.agent")
+
+
+class Telemetry:
+    def __init__(self, dp, host: str, names_fn, agent_fn, metrics: str | None = None, history: int = 8192,
+                 client_queue: int = 4096):
+        self.hub = FlowHub(history=history, client_queue=client_queue)
+        self.pump = EventPump(dp, self.hub, names_fn)
+        self._agent_fn = agent_fn
+        self.registry = CollectorRegistry()
+        self.registry.register(DatapathCollector(dp, names_fn, self.agent_stats, host))
+        self.metrics = MetricsServer(self.registry, metrics) if metrics else None
+
+    def agent_stats(self) -> dict:
+        return {**self._agent_fn(), "flows_received": self.pump.received, "flows_client_lost": self.hub.client_lost,
+                "flow_clients": self.hub.clients}
+
+    def start(self) -> "Telemetry":
+        self.pump.start()
+        return self
+
+    def stop(self) -> None:
+        self.pump.stop()
+        if self.metrics:
+            self.metrics.stop()
