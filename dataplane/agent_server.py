@@ -13,6 +13,11 @@ import grpc
 from dataplane.v1 import agent_pb2, agent_pb2_grpc
 
 
+# Following clients each hold a server thread: bounded well below the pool,
+# so Status and health calls always find one.
+MAX_FLOW_FOLLOWERS = 16
+
+
 class _Servicer(agent_pb2_grpc.AgentServicer):
     def __init__(self, status_fn, instance: str, hub=None):
         self.status_fn = status_fn
@@ -24,6 +29,9 @@ class _Servicer(agent_pb2_grpc.AgentServicer):
 
         if self.hub is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "this agent keeps no flows (no datapath)")
+        if request.follow and self.hub.clients >= MAX_FLOW_FOLLOWERS:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_FLOW_FOLLOWERS} flow clients are following already; try again later")
         try:
             return stream_flows(self.hub, request, context)
         except FilterError as e:

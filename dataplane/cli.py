@@ -619,8 +619,15 @@ def _observe_request(args):
         parse_since(args.since or "")
     except FilterError as e:
         raise DataplaneError(str(e)) from None
-    number = args.last if args.last is not None else (0 if args.follow else 20)
-    return flow_pb2.GetFlowsRequest(filter=exprs, number=number, follow=args.follow, since=args.since or "")
+    number = args.last if args.last is not None else 20
+    since = args.since or ""
+    if args.follow and args.last is None and not since:
+        # -f alone: only flows from now on (with --last N or --since: those first).
+        import datetime as dt
+
+        since = dt.datetime.now(dt.timezone.utc).isoformat()
+        number = 0
+    return flow_pb2.GetFlowsRequest(filter=exprs, number=number, follow=args.follow, since=since)
 
 
 def _flow_row(f) -> dict:
@@ -933,7 +940,8 @@ def build_parser() -> argparse.ArgumentParser:
     ob.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     ob.add_argument("--socket", help="the agent's socket (default: /run/dataplane/<instance>/agent.sock)")
     ob.add_argument("-f", "--follow", action="store_true", help="keep printing new flows")
-    ob.add_argument("--last", type=int, help="the last N matching flows kept (default: 20; with -f: 0)")
+    ob.add_argument("--last", type=int, help="the last N matching flows kept, 0 for all (default: 20; "
+                                             "with -f and no --since: none, only new flows)")
     ob.add_argument("--since", help="RFC 3339 time or a duration ago: 90s, 5m, 2h")
     for flag, field in (("verdict", "verdict"), ("reason", "reason"), ("rule", "rule"), ("direction", "direction"),
                         ("protocol", "protocol"), ("host", "host"), ("ip", "ip"), ("from-ip", "source-ip"),

@@ -39,6 +39,7 @@ from loader.errors import DataplaneError
 
 log = logging.getLogger("dataplane.controller")
 
+MAX_FLOW_FOLLOWERS = 16     # GetFlows streams with follow at once (each holds a server thread)
 HEARTBEAT_S = 5             # connected agents' status is refreshed this often
 STALE_S = 3 * HEARTBEAT_S   # a status older than this is not believed connected
 
@@ -564,6 +565,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     @require("admin")
     def GetFlows(self, request, context):
+        if request.follow and self.core.flows.clients >= MAX_FLOW_FOLLOWERS:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_FLOW_FOLLOWERS} flow clients are following already; try again later")
         try:
             return stream_flows(self.core.flows, request, context)
         except FilterError as e:
@@ -675,12 +679,10 @@ def serve(core: ControllerCore, listen: str, tls: certs.Credentials | None, max_
 
 def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, ready=None,
         metrics: str | None = None) -> None:
-    from prometheus_client import CollectorRegistry
-
-    from dataplane.metrics import ControllerCollector, MetricsServer, api_latency_histogram
+    from dataplane.metrics import ControllerCollector, MetricsServer, api_latency_histogram, new_registry
 
     core = ControllerCore(store, name)
-    registry = CollectorRegistry()
+    registry = new_registry()
     registry.register(ControllerCollector(core, core.flow_counts))
     interceptor = LatencyInterceptor(api_latency_histogram(registry))
     metrics_server = MetricsServer(registry, metrics) if metrics else None

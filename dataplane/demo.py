@@ -337,6 +337,44 @@ def verdicts_per_rule(agents: Agents) -> list[dict]:
     return rows
 
 
+def show_flows(agents: Agents, controller: Controller | None) -> int:
+    """The denied and audited flows the agents reported, as `dataplane
+    observe` gives them (fleet-wide from the controller, or host by host),
+    one line per kind (host, direction, identities, rule, reason). Returns 1
+    when none came back: the checks above produced some."""
+    import json
+
+    from dataplane.cli import _flow_row
+    from dataplane.v1 import flow_pb2
+    from google.protobuf import json_format
+
+    filters = ["--verdict", "deny,audit", "--last", "0", "-o", "json"]
+    if controller:
+        say("\n== denied and audited flows, fleet-wide (dataplane observe --controller ... --verdict deny,audit)")
+        text = controller.admin("observe", *filters).stdout
+    else:
+        say("\n== denied and audited flows (dataplane --instance demo-HOST observe --verdict deny,audit)")
+        text = "".join(subprocess.run([sys.executable, "-m", "dataplane", "--instance", agents.instance(host),
+                                       "observe", *filters], capture_output=True, text=True, cwd=ROOT,
+                                      timeout=30).stdout for host in agents.procs)
+    seen, rows = set(), []
+    for line in text.splitlines():
+        if not line.strip().startswith("{") or '"lost"' in line[:10]:
+            continue
+        f = json_format.ParseDict(json.loads(line), flow_pb2.Flow())
+        key = (f.host, f.direction, f.source_identity.id, f.destination_identity.id, f.verdict, f.rule, f.reason)
+        if key not in seen:
+            seen.add(key)
+            rows.append(_flow_row(f))
+    rows.sort(key=lambda r: r["time"])
+    columns = ["time", "host", "source", "destination", "proto", "dir", "verdict", "rule", "reason"]
+    print_rows([{c: r[c] for c in columns} for r in rows[:16]], "table")
+    ok = len(rows) > 0
+    say(f"   {'ok  ' if ok else 'FAIL'} {len(seen)} kinds of drops and audits, each with both identities, the "
+        "rule and the reason")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=str(EXAMPLES / "policy.yaml"))
@@ -403,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 say("\n".join("   " + line for line in controller.admin("fleet", "status").stdout.splitlines()))
             say("\n== verdicts per rule, all hosts")
             print_rows(verdicts_per_rule(agents), "table")
+            failures += show_flows(agents, controller)
         finally:
             if agents:
                 agents.stop()

@@ -290,7 +290,7 @@ class FleetAgent:
             batch = []
 
         for item in self.telemetry.hub.stream(lambda r: True, follow=True, active=uploading.is_set,
-                                              wait_s=UPLOAD_INTERVAL_S, idle=True):
+                                              wait_s=UPLOAD_INTERVAL_S, idle=True, internal=True):
             if item is None:                 # idle tick
                 flush()
                 continue

@@ -334,9 +334,10 @@ def parse_since(text: str, now_ns: int | None = None) -> int:
 # --- the hub ----------------------------------------------------------------------
 
 class _Subscriber:
-    __slots__ = ("match", "queue", "maxlen", "lost", "cond")
+    __slots__ = ("match", "queue", "maxlen", "lost", "cond", "internal")
 
-    def __init__(self, match, maxlen: int):
+    def __init__(self, match, maxlen: int, internal: bool = False):
+        self.internal = internal      # the agent's own uploader: not a client in the counts
         self.match = match
         self.queue: collections.deque = collections.deque()
         self.maxlen = maxlen
@@ -367,7 +368,8 @@ class FlowHub:
                 if len(sub.queue) >= sub.maxlen:
                     sub.queue.popleft()
                     sub.lost += 1
-                    self.client_lost += 1
+                    if not sub.internal:
+                        self.client_lost += 1
                 sub.queue.append(record)
                 sub.cond.notify()
 
@@ -377,14 +379,15 @@ class FlowHub:
 
     @property
     def clients(self) -> int:
+        """Following clients (the agent's own uploader is not one)."""
         with self._lock:
-            return len(self._subs)
+            return sum(1 for s in self._subs if not s.internal)
 
     def __len__(self) -> int:
         return len(self._history)
 
     def stream(self, match, number: int = 0, since_ns: int = 0, follow: bool = False, active=lambda: True,
-               wait_s: float = 0.5, client_queue: int | None = None, idle: bool = False):
+               wait_s: float = 0.5, client_queue: int | None = None, idle: bool = False, internal: bool = False):
         """Yields FlowRecords kept (the last `number` matching, since
         since_ns), then, with follow, new ones until active() is false or
         the generator is closed; an int n means n flows were lost; with
@@ -393,7 +396,8 @@ class FlowHub:
         with self._lock:
             past = [r for r in self._history if r.time_ns >= since_ns and match(r)]
             if follow:
-                sub = _Subscriber(lambda r: r.time_ns >= since_ns and match(r), client_queue or self.client_queue)
+                sub = _Subscriber(lambda r: r.time_ns >= since_ns and match(r), client_queue or self.client_queue,
+                                  internal)
                 self._subs.add(sub)
         if number:
             past = past[-number:]

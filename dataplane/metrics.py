@@ -21,7 +21,18 @@ from loader import abi
 log = logging.getLogger("dataplane.metrics")
 
 PREFIX = "dataplane"
-VERSION = "0.5.0"
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("zt-dataplane")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
 DIRECTIONS = (abi.Direction.INGRESS, abi.Direction.EGRESS)
 
 # Map attribute -> metric label (the map's role, not its versioned pin name).
@@ -78,7 +89,7 @@ class DatapathCollector:
         yield from self._maps()
         yield from self._policy(names, agent)
         yield from self._agent(agent)
-        g = GaugeMetricFamily(_name("scrape_duration_seconds"), "Time to read the datapath for this scrape")
+        g = GaugeMetricFamily(_name("metrics_read_duration_seconds"), "Time to read the datapath for this scrape")
         g.add_metric([], time.monotonic() - t0)
         yield g
 
@@ -173,7 +184,8 @@ class DatapathCollector:
             yield g
 
     def _agent(self, agent):
-        info = InfoMetricFamily(_name("agent"), "The agent", labels=["host", "instance", "mode", "version",
+        # datapath_instance, not instance: Prometheus owns the instance label (the target).
+        info = InfoMetricFamily(_name("agent"), "The agent", labels=["host", "datapath_instance", "mode", "version",
                                                                       "identity_lookup"])
         info.add_metric([self.host, self.dp.instance, agent.get("mode", ""), VERSION,
                          getattr(getattr(self.dp, "options", None), "identity", "")], {})
@@ -253,7 +265,7 @@ class ControllerCollector:
             c.add_metric([], flows.get("agent_lost", 0))
             yield c
         info = InfoMetricFamily(_name("controller"), "The controller", labels=["name", "store", "version"])
-        info.add_metric([core.name, core.store.name, VERSION], {})
+        info.add_metric([core.name, core.store.name.split(":", 1)[0], VERSION], {})
         yield info
 
 
@@ -261,6 +273,16 @@ def api_latency_histogram(registry: CollectorRegistry) -> Histogram:
     return Histogram(_name("controller_api_request_duration_seconds"), "Controller API calls, by method and code",
                      ["method", "code"], registry=registry,
                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry with the standard process_* and python_* collectors."""
+    from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+
+    registry = CollectorRegistry()
+    for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(c)
+    return registry
 
 
 class MetricsServer:

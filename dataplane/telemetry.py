@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry
-
 from dataplane.flows import EventPump, FlowHub
-from dataplane.metrics import DatapathCollector, MetricsServer
+from dataplane.metrics import DatapathCollector, MetricsServer, new_registry
 
 log = logging.getLogger("dataplane.agent")
 
@@ -20,7 +18,7 @@ class Telemetry:
         self.hub = FlowHub(history=history, client_queue=client_queue)
         self.pump = EventPump(dp, self.hub, names_fn)
         self._agent_fn = agent_fn
-        self.registry = CollectorRegistry()
+        self.registry = new_registry()
         self.registry.register(DatapathCollector(dp, names_fn, self.agent_stats, host))
         self.metrics = MetricsServer(self.registry, metrics) if metrics else None
 

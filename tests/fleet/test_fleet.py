@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import time
+from pathlib import Path
 
 from dataplane.lab import wait_for
 from loader.abi import Direction, Reason
@@ -341,3 +342,10 @@ def test_controller_aggregates_flows_and_serves_metrics(fleet):
     calls = {dict(labels)["method"] for name, labels in samples
              if name == "dataplane_controller_api_request_duration_seconds_count"}
     assert {"FleetStatus", "OpenSession"} & calls, calls
+    # The controller serves exactly the families docs/metrics.md lists for it.
+    text = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    section = text.split("## Controller metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(dataplane_[a-z_]+)` \|", section, re.M))
+    served = {re.sub(r"_(bucket|sum|count|created)$", "", name) for name, _ in samples
+              if name.startswith("dataplane_")}
+    assert served == documented, (served ^ documented)

@@ -177,3 +177,25 @@ def test_follow_streams_new_flows(obs):
             follower.wait()
     # The server forgets a client that went away.
     assert wait_for(lambda: value(obs.scrape(), "dataplane_flow_clients") == 0, timeout=10, interval=0.2)
+
+
+def _documented(section: str) -> set[str]:
+    """Metric names in the tables of one section of docs/metrics.md."""
+    from tests.netns.obs_helpers import ROOT
+
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    part = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    import re
+
+    return set(re.findall(r"^\| `(dataplane_[a-z_]+)` \|", part, re.M))
+
+
+def test_scrape_and_docs_name_the_same_metrics(obs):
+    """Every family the agent serves is documented, and every documented
+    agent family is served (fleet-only ones aside)."""
+    scraped = set()
+    for name, _ in obs.scrape():
+        if name.startswith("dataplane_"):
+            scraped.add(name.removesuffix("_created"))
+    fleet_only = {"dataplane_agent_controller_connected", "dataplane_flows_upload_lost_total"}
+    assert scraped == _documented("Agent metrics") - fleet_only
