@@ -199,3 +199,48 @@ def test_scrape_and_docs_name_the_same_metrics(obs):
             scraped.add(name.removesuffix("_created"))
     fleet_only = {"dataplane_agent_controller_connected", "dataplane_flows_upload_lost_total"}
     assert scraped == _documented("Agent metrics") - fleet_only
+
+
+def _total(samples: dict, name: str, **labels) -> float:
+    """Sum over the series of name whose labels include these."""
+    return sum(v for (n, lab), v in samples.items() if n == name and labels.items() <= dict(lab).items())
+
+
+def test_policy_in_audit_mode_passes_what_it_would_deny(obs):
+    """`mode: audit` for the whole policy: a deny rule and the default both
+    pass their traffic, which is counted under them with action audit and
+    streamed as AUDIT. Back to enforce, they drop again. (Runs last: it
+    changes the policy of the module's agent, and puts it back.)"""
+    from tests.netns.obs_helpers import POLICY
+
+    applies = obs.text().count("INFO: applied:")
+    policy = obs.tmp / "policy.yaml"
+    before = obs.scrape()
+    try:
+        policy.write_text(POLICY.replace("kind: Policy\n", "kind: Policy\nmode: audit\n"))
+        assert wait_for(lambda: obs.text().count("INFO: applied:") > applies, timeout=30), obs.text()[-2000:]
+        assert value(obs.scrape(), "dataplane_policy_audit_mode") == 1
+        got_6000, got_8000 = received(obs.server, 6000), sum(
+            1 for line in obs.server.lines() if line.startswith("recv udp 8000 "))
+        send_udp(obs.lab, obs.client_ns, CLIENT, SERVER, 6000, 3, 30, sport=42100)
+        send_udp(obs.lab, obs.client_ns, CLIENT, SERVER, 8000, 2, 30, sport=42101)
+        assert wait_for(lambda: received(obs.server, 6000) == got_6000 + 3, timeout=10)
+        assert wait_for(lambda: sum(1 for line in obs.server.lines() if line.startswith("recv udp 8000 "))
+                        == got_8000 + 2, timeout=10)
+        wait_value(obs, "dataplane_rule_packets_total", 1, rule="deny-6000", action="audit", direction="ingress")
+        time.sleep(0.5)
+        after = obs.scrape()
+        assert value(after, "dataplane_rule_packets_total", rule="deny-6000", action="audit", direction="ingress") \
+            - _total(before, "dataplane_rule_packets_total", rule="deny-6000", direction="ingress") == 3
+        assert value(after, "dataplane_rule_packets_total", rule="default", action="audit", direction="ingress") \
+            - _total(before, "dataplane_rule_packets_total", rule="default", direction="ingress") == 2
+        flows = obs.flows("--from-port", "42100,42101")
+        assert [(f["rule"], f["verdict"], f["reason"]) for f in flows] == \
+            [("deny-6000", "audit", "audit"), ("default", "audit", "audit")], flows
+    finally:
+        policy.write_text(POLICY)
+        assert wait_for(lambda: obs.text().count("INFO: applied:") > applies + 1, timeout=30), obs.text()[-2000:]
+    assert value(obs.scrape(), "dataplane_policy_audit_mode") == 0
+    send_udp(obs.lab, obs.client_ns, CLIENT, SERVER, 6000, 1, 30, sport=42102)
+    assert wait_for(lambda: obs.flows("--from-port", "42102"), timeout=10)
+    assert obs.flows("--from-port", "42102")[0]["verdict"] == "deny"
