@@ -60,8 +60,6 @@ from dataplane.lab import Lab
 from dataplane.v1 import agent_pb2, agent_pb2_grpc
 from dataplane.v1 import controller_pb2 as pb
 from dataplane.v1 import controller_pb2_grpc as pb_grpc
-from loader import abi
-from loader.events import EventReader
 from loader.instance import Datapath, check_bpffs, check_privileges
 
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -321,6 +319,7 @@ def bench_propagation(n: int, changes: int, workdir: Path, pki: Path | None, row
             raw["push_to_all_applied"].append(max(times) - t0)
             raw["push_to_first_applied"].append(min(times) - t0)
             raw["push_call"].append(t_ret - t0)
+            _step(f"fleet: {n} agents, change {k + 1}/{changes}")
             if "entries_per_host" not in row:
                 entries = [len(a.view.entries) for a in agents.agents]
                 row["entries_per_host"] = [min(entries), max(entries)]
@@ -411,39 +410,44 @@ class LineCounter:
 
 
 class DropWatch:
-    """Reads the datapath's ring buffer in a thread; keeps the kernel
-    timestamps of DROP events of the benchmark's flow."""
+    """Follows the agent's flow stream (Agent.GetFlows on its socket) in a
+    thread; keeps the datapath timestamps of DROP events of the benchmark's
+    flow, as CLOCK_MONOTONIC ns. The agent is the ring buffer's one reader;
+    its flows carry the kernel's time converted to Unix time, converted
+    back here."""
 
-    def __init__(self, dp: Datapath, cleanup: Cleanup):
+    def __init__(self, instance: str, cleanup: Cleanup):
+        from dataplane.v1 import flow_pb2
+
         self._lock = threading.Lock()
-        self.drops: list[tuple[int, str]] = []     # (kernel ts_ns, reason)
-        self.other = 0
-        self._stop = threading.Event()
-        self._reader = EventReader(dp.events.fd, self._on_event)
-        self._thread = threading.Thread(target=self._run, name="events", daemon=True)
+        self.drops: list[tuple[int, str]] = []     # (monotonic ns, reason)
         self.error: BaseException | None = None
+        self._channel = grpc.insecure_channel(f"unix:{socket_path(instance)}")
+        stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._call = stub.GetFlows(flow_pb2.GetFlowsRequest(
+            filter=["verdict=deny", f"source-ip={CLIENT}", f"destination-ip={SERVER_APP}", "protocol=udp",
+                    f"destination-port={APP_PORT}"], follow=True, number=0,
+            since=datetime.datetime.now(datetime.timezone.utc).isoformat()))
+        self._thread = threading.Thread(target=self._run, name="flows", daemon=True)
 
         def stop():
-            self._stop.set()
+            self._call.cancel()
             self._thread.join(timeout=5)
-            self._reader.close()
-        cleanup.push("event reader", stop)
+            self._channel.close()
+        cleanup.push("flow stream", stop)
         self._thread.start()
-
-    def _on_event(self, ev) -> None:
-        if (int(ev.reason) >= abi.REASON_FIRST_DROP and str(ev.src) == CLIENT and str(ev.dst) == SERVER_APP
-                and ev.proto == 17 and ev.dport == APP_PORT):
-            with self._lock:
-                self.drops.append((ev.ts_ns, abi.Reason(int(ev.reason)).name))
-        else:
-            self.other += 1
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                self._reader.poll(50)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            self.error = e
+            for item in self._call:
+                if item.WhichOneof("item") != "flow":
+                    continue
+                mono = item.flow.time_unix_ns - (time.time_ns() - time.monotonic_ns())
+                with self._lock:
+                    self.drops.append((mono, item.flow.reason))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                self.error = e
 
     def first_after(self, ts_ns: int) -> tuple[int, str] | None:
         with self._lock:
@@ -510,9 +514,7 @@ def bench_revocation(trials: int, workdir: Path, pki: Path | None, row: dict) ->
                 return 0
 
         wait(lambda: agent_revision() >= ctl.revision(), 180, 0.1, "the agent to apply the first state")
-        dp = Datapath(instance).adopt()
-        cleanup.push("datapath handle", dp.close)
-        drops = DropWatch(dp, cleanup)
+        drops = DropWatch(instance, cleanup)
 
         sink = lab.popen(server_ns, [sys.executable, "-u", "-c", SINK, SERVER_APP, str(APP_PORT)])
         received = LineCounter(sink)
@@ -539,6 +541,7 @@ def bench_revocation(trials: int, workdir: Path, pki: Path | None, row: dict) ->
             first_ts, reason = wait(lambda t=t0: drops.first_after(t), 30, 0.001, f"a dropped packet after revocation {k}")
             raw["revoke_to_first_drop"].append((first_ts - t0) / 1e9)
             raw["revoke_call"].append((t_ret - t0) / 1e9)
+            _step(f"fleet: revocation {k + 1}/{trials}")
             reasons[reason] = reasons.get(reason, 0) + 1
             wait(lambda rev=r.state_revision: agent_revision() >= rev, 30, 0.01, "the agent to record the revocation")
 
@@ -552,7 +555,7 @@ def bench_revocation(trials: int, workdir: Path, pki: Path | None, row: dict) ->
             time.sleep(0.05)
             if drops.count() != dropped:
                 raise RuntimeError("the flow still drops after the session was re-opened")
-        row.update({"packet_interval_ms": 1.0, "other_events": drops.other, "drop_events_of_flow": drops.count()})
+        row.update({"packet_interval_ms": 1.0, "drop_events_of_flow": drops.count()})
     finally:
         for e in cleanup.run():
             log(f"cleanup: {e}")
@@ -649,6 +652,72 @@ def markdown(report: dict) -> str:
 
 def _on_term(signum, frame):
     raise KeyboardInterrupt
+
+
+_progress = None
+
+
+def _step(label: str) -> None:
+    if _progress is not None:
+        _progress.step(label)
+
+
+def run(quick: bool, progress) -> list[dict]:
+    """The suite's entry (bench/suite.py): rows in bench/common.py's schema."""
+    import common
+
+    global _progress
+    sizes = [5, 20] if quick else [10, 100, 1000]
+    changes = {n: (3 if quick else (5 if n >= 1000 else 8)) for n in sizes}
+    trials = 5 if quick else 20
+    progress.add(sum(changes.values()) + trials)
+    _progress = progress
+    rows = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    try:
+        pki = workdir / "pki"
+        certs.init(pki, ["localhost", "127.0.0.1"], [host_name(i) for i in range(max(sizes))] + ["srv-host"],
+                   ["admin"])
+        for n in sizes:
+            row = {"agents": n, "changes": changes[n]}
+            try:
+                bench_propagation(n, changes[n], workdir, pki, row)
+            except Exception as e:  # noqa: BLE001 - reported in the row
+                log(f"(a) {n} agents failed:\n{traceback.format_exc()}")
+                row["error"] = f"{type(e).__name__}: {e}"
+            samples = [v * 1000 for v in row.get("raw", {}).get("push_to_all_applied", [])]
+            r = common.measured("fleet", f"fleet_propagation_{n}",
+                                f"policy change -> all {n} agents applied (mutual TLS, one controller)", "ms",
+                                samples, "lower", {"agents": n, "changes": changes[n],
+                                                   "connect_and_sync_s": row.get("connect_and_sync_s"),
+                                                   "p99_ms": summary([v / 1000 for v in samples])["p99_ms"]
+                                                   if samples else None,
+                                                   "agent_errors": len(row.get("agent_errors", {}))},
+                                error=row.get("error") if not samples else None)
+            rows.append(r)
+            if n == 100:
+                rows.append(common.target_row("fleet", "target_propagation_100", "100 agents: slowest change",
+                                              r, 1000.0, "ms", key="max"))
+            if n == 1000:
+                rows.append(common.target_row("fleet", "target_propagation_1000", "1000 agents: slowest change",
+                                              r, 2000.0, "ms", key="max"))
+        rv = {"trials": trials}
+        try:
+            bench_revocation(trials, workdir, pki, rv)
+        except Exception as e:  # noqa: BLE001
+            log(f"(b) failed:\n{traceback.format_exc()}")
+            rv["error"] = f"{type(e).__name__}: {e}"
+        samples = [v * 1000 for v in rv.get("raw", {}).get("revoke_to_first_drop", [])]
+        r = common.measured("fleet", "fleet_revocation", "session revoked -> first dropped packet (real agent)",
+                            "ms", samples, "lower", {"trials": trials, "first_drop_reasons": rv.get("first_drop_reasons")},
+                            error=rv.get("error") if not samples else None)
+        rows.append(r)
+        rows.append(common.target_row("fleet", "target_revocation", "revocation: slowest of the trials (p99 bound)",
+                                      r, 200.0, "ms", key="max"))
+    finally:
+        _progress = None
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
 
 
 def main(argv=None) -> int:

@@ -462,7 +462,8 @@ def cmd_controller(args) -> int:
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     tls = _tls(args, "controller")
     store = open_store(args.store)
-    controller.run(store, args.name or args.listen, args.listen, tls, metrics=args.metrics)
+    controller.run(store, args.name or args.listen, args.listen, tls, metrics=args.metrics,
+                   max_agents=args.max_agents)
     return 0
 
 
@@ -926,6 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--metrics", metavar="HOST:PORT",
                     help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
                          "the conventional port is 9591)")
+    ct.add_argument("--max-agents", dest="max_agents", type=int, default=1024,
+                    help="agents connected at once (each holds a server thread; default: %(default)s)")
     ct.set_defaults(func=cmd_controller)
 
     ob = nouns.add_parser("observe", help="flows the datapath judged: drops, audits, sampled allows",

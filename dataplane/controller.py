@@ -678,7 +678,7 @@ def serve(core: ControllerCore, listen: str, tls: certs.Credentials | None, max_
 
 
 def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, ready=None,
-        metrics: str | None = None) -> None:
+        metrics: str | None = None, max_agents: int = 1024) -> None:
     from dataplane.metrics import ControllerCollector, MetricsServer, api_latency_histogram, new_registry
 
     core = ControllerCore(store, name)
@@ -689,7 +689,10 @@ def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, rea
     store.campaign(name, core.set_leader)
     store.watch(core.reload)
     threading.Thread(target=core.timers, daemon=True).start()
-    server, port = serve(core, listen, tls, interceptors=[interceptor])
+    # Every agent's Sync stream holds a server thread, and so does every
+    # following flow client: room for all of them plus the admin calls.
+    server, port = serve(core, listen, tls, max_workers=max_agents + MAX_FLOW_FOLLOWERS + 64,
+                         interceptors=[interceptor])
     log.info("controller %s listening on %s (%s, %s)", name, listen.rsplit(":", 1)[0] + f":{port}",
              store.name, "mutual TLS" if tls else "PLAINTEXT")
     if ready:
