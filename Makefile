@@ -27,7 +27,7 @@ demo: setup
 	$(PY) -m dataplane.demo
 
 bench: setup
-	$(PY) bench/datapath_ns.py
+	$(PY) bench/suite.py
 
 insn-counts: setup
 	$(PY) scripts/insn_counts.py --write

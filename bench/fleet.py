@@ -68,6 +68,7 @@ if not CLI.exists():
     CLI = Path(shutil.which("dataplane") or CLI)
 RUN_DIR = Path("/run/dataplane")            # agent status sockets
 
+AIO_AGENTS = True                           # lightweight agents as asyncio tasks (see AioAgents)
 TARGET_PROPAGATION_S = 1.0                  # 100 agents: push -> all applied
 TARGET_REVOCATION_P99_S = 0.200             # revoke -> first dropped packet, p99
 
@@ -229,6 +230,103 @@ def propagation_policy(port: int) -> str:
             "    from: [{workload: {app: svc}}]\n    to: [{workload: {app: svc}}]\n    ports: [tcp/9100]\n")
 
 
+class AioAgents:
+    """n lightweight agents as asyncio tasks in one thread of this process
+    (grpc.aio): each speaks the agent's protocol on its own channel and mTLS
+    identity (hello, then snapshot or deltas, each checked against its
+    digest, acknowledged with Applied) without a datapath. One event loop
+    instead of n threads: a thousand Python threads in one process starve
+    each other and would measure the benchmark, not the controller."""
+
+    def __init__(self, n: int, address: str, pki: Path | None, workdir: Path, cleanup: Cleanup):
+        import asyncio
+
+        from dataplane.fleet import HostView
+
+        self._lock = threading.Lock()
+        self.applied: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+        self.views: list = [None] * n
+        self.errors: dict[str, str] = {}
+        self.loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event() if False else None
+
+        async def agent(i: int):
+            host = host_name(i)
+            tls = agent_tls(pki, host)
+            if tls is None:
+                channel = grpc.aio.insecure_channel(address)
+            else:
+                creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
+                                                     certificate_chain=tls.cert)
+                channel = grpc.aio.secure_channel(address, creds)
+            out: asyncio.Queue = asyncio.Queue()
+            await out.put(pb.AgentMessage(hello=pb.Hello(host=host, version="bench")))
+
+            async def requests():
+                while True:
+                    m = await out.get()
+                    if m is None:
+                        return
+                    yield m
+            async with channel:
+                call = pb_grpc.AgentSyncStub(channel).Sync(requests())
+                try:
+                    async for msg in call:
+                        kind = msg.WhichOneof("msg")
+                        view = self.views[i]
+                        if kind == "in_sync":
+                            rev = msg.in_sync.revision
+                        elif kind == "snapshot":
+                            view = HostView.from_msg(msg.snapshot)
+                            rev = view.revision
+                        else:
+                            view = view.apply_delta(msg.delta)
+                            if view.digest() != msg.delta.digest:
+                                raise RuntimeError(f"{host}: digest mismatch after a delta")
+                            rev = view.revision
+                        self.views[i] = view
+                        t = time.monotonic()
+                        with self._lock:
+                            self.applied[i].append((rev, t))
+                        await out.put(pb.AgentMessage(applied=pb.Applied(revision=rev, digest=view.digest())))
+                except (grpc.aio.AioRpcError, RuntimeError) as e:
+                    self.errors[host] = str(e)[:200]
+                finally:
+                    await out.put(None)
+
+        async def main():
+            self.tasks = [asyncio.create_task(agent(i)) for i in range(n)]
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+        self.thread = threading.Thread(target=lambda: self.loop.run_until_complete(main()), name="aio-agents",
+                                       daemon=True)
+
+        def stop():
+            for t in getattr(self, "tasks", []):
+                self.loop.call_soon_threadsafe(t.cancel)
+            self.thread.join(timeout=30)
+        cleanup.push(f"{n} aio agents", stop)
+        self.thread.start()
+
+    def revisions(self) -> list[int]:
+        return [v.revision if v else 0 for v in self.views]
+
+    def times_for(self, revision: int) -> list[float] | None:
+        out = []
+        with self._lock:
+            for records in self.applied:
+                t = next((t for r, t in records if r >= revision), None)
+                if t is None:
+                    return None
+                out.append(t)
+        return out
+
+    @property
+    def agents(self):
+        return [type("A", (), {"view": v, "opts": type("O", (), {"host": host_name(i)}), "last_error":
+                               self.errors.get(host_name(i), "")}) for i, v in enumerate(self.views)]
+
+
 class LightAgents:
     """n FleetAgents without a datapath, one thread each, recording when
     each applied which revision."""
@@ -294,7 +392,7 @@ def bench_propagation(n: int, changes: int, workdir: Path, pki: Path | None, row
         ctl.stub.ApplyInventory(pb.ApplyInventoryRequest(text=propagation_inventory(n)), timeout=60)
         ctl.stub.ApplyPolicy(pb.ApplyPolicyRequest(text=propagation_policy(2000), comment="start"), timeout=60)
         t_connect = time.monotonic()
-        agents = LightAgents(n, ctl.address, pki, workdir, cleanup)
+        agents = (AioAgents if AIO_AGENTS else LightAgents)(n, ctl.address, pki, workdir, cleanup)
 
         # Agents register when they connect (a commit each): wait until the
         # state stops moving and every agent enforces the latest revision.

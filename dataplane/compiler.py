@@ -45,6 +45,10 @@ class CompiledState:
     warnings: list
     next_change: dt.datetime | None
     expiries: dict = dataclasses.field(default_factory=dict)   # network -> when its entry ends (sessions)
+    # The same content as text, shared with other hosts where it can be (fleet views):
+    ipcache_text: dict | None = None     # prefix text -> identity
+    expiry_text: dict | None = None      # prefix text -> RFC 3339 end
+    rendered: dict | None = None         # identity -> rendered labels
 
     def rule_names(self) -> dict:
         return {v: k for k, v in self.rule_ids.items()}
@@ -134,6 +138,16 @@ class Compiler:
         self._numbers = {key: self.ids.number(key) for key in sorted(self._universe)}
         self.rule_ids = {r.name: self.rules.number(r.name) for r in policy.rules}
         self._cidr_parents = self._nest_cidrs()
+        # What every host shares; compile() only swaps in the host's own
+        # identity (HOST), so a fleet of hosts costs one pass over the
+        # universe, not one per host.
+        self._base_labels = {self._numbers[k]: ident.labels for k, ident in self._universe.items()}
+        self._base_identities = {net: self._numbers[key] for key, ident in self._universe.items()
+                                 for net in ident.prefixes}
+        self._base_text = {str(net): n for net, n in self._base_identities.items()}
+        self._expiry_text = {str(net): t.astimezone(dt.timezone.utc).isoformat() for net, t in self._expiries.items()}
+        self._base_rendered: dict | None = None
+        self._resolved: dict[int, set] = {}     # id(peer) -> its identities in the shared numbering
 
     # -- the identities that exist ----------------------------------------------
 
@@ -196,11 +210,20 @@ class Compiler:
         host_entry = self.inventory.host(host)
         own_key = canonical(host_entry.identity_labels()) if host_entry else None
 
-        numbers = {key: HOST if key == own_key else n for key, n in self._numbers.items()}
-        labels = {numbers[k]: ident.labels for k, ident in self._universe.items()}
+        numbers = dict(self._numbers)
+        labels = dict(self._base_labels)
+        identities = dict(self._base_identities)
+        text = dict(self._base_text)
+        own = self._numbers.get(own_key) if own_key is not None else None
+        if own is not None:
+            numbers[own_key] = HOST
+            del labels[own]
+            labels[HOST] = self._universe[own_key].labels
+            for net in self._universe[own_key].prefixes:
+                identities[net] = HOST
+                text[str(net)] = HOST
         if host_entry is None:
             labels[HOST] = {"kind": "host", "name": host}
-        identities = {net: numbers[key] for key, ident in self._universe.items() for net in ident.prefixes}
 
         locals_ = {HOST} | {numbers[canonical(e.identity_labels())] for e in self.inventory.endpoints
                             if e.host == host}
@@ -212,8 +235,9 @@ class Compiler:
         for rule in self.policy.rules:
             if not rule.active_at(self.now):
                 continue
-            sources = self._resolve_all(rule, rule.sources, labels, numbers, warnings)
-            destinations = self._resolve_all(rule, rule.destinations, labels, numbers, warnings)
+            shared = own if host_entry is not None else False
+            sources = self._resolve_all(rule, rule.sources, labels, numbers, warnings, shared)
+            destinations = self._resolve_all(rule, rule.destinations, labels, numbers, warnings, shared)
             entries += self._entries(rule, sources, destinations, locals_)
 
         return CompiledState(
@@ -227,12 +251,38 @@ class Compiler:
             warnings=warnings,
             next_change=self._next_change(),
             expiries=dict(self._expiries),
+            ipcache_text=text,
+            expiry_text=self._expiry_text,
+            rendered=self._rendered(labels, own),
         )
 
-    def _resolve_all(self, rule: Rule, peers, labels: dict, numbers: dict, warnings: list) -> set[int]:
+    def _rendered(self, labels: dict, own: int | None) -> dict:
+        """identity -> rendered labels, from a shared base."""
+        if self._base_rendered is None:
+            self._base_rendered = {n: render(lab) for n, lab in self._base_labels.items()}
+        out = dict(self._base_rendered)
+        if own is not None:
+            del out[own]
+        if HOST in labels:
+            out[HOST] = render(labels[HOST])
+        return out
+
+    def _resolve_all(self, rule: Rule, peers, labels: dict, numbers: dict, warnings: list,
+                     shared=False) -> set[int]:
+        """shared: the host's own identity number (or None) when labels and
+        numbers are the shared ones with only that identity turned into
+        HOST, so a peer's resolution can be taken from the shared cache;
+        False: resolve from scratch."""
         out: set[int] = set()
         for peer in peers:
-            got = self._within(self._resolve(peer, labels, numbers), numbers)
+            if shared is not False and peer.kind != "entity":
+                base = self._resolved.get(id(peer))
+                if base is None:
+                    base = self._resolved[id(peer)] = self._resolve(peer, self._base_labels, self._numbers)
+                got = (base - {shared}) | {HOST} if shared is not None and shared in base else set(base)
+            else:
+                got = self._resolve(peer, labels, numbers)
+            got = self._within(got, numbers)
             if rule.posture is not None:
                 if ANY in got:
                     # "Anyone, on a device in this posture": the wildcard cannot

@@ -40,6 +40,8 @@ from loader.errors import DataplaneError
 log = logging.getLogger("dataplane.controller")
 
 MAX_FLOW_FOLLOWERS = 16     # GetFlows streams with follow at once (each holds a server thread)
+EMPTY_REGISTRATION = {"interfaces": [], "addresses": [], "endpoints": []}
+STATUS_FLUSH_S = 0.1        # agent status records are written in batches this often
 HEARTBEAT_S = 5             # connected agents' status is refreshed this often
 STALE_S = 3 * HEARTBEAT_S   # a status older than this is not believed connected
 
@@ -103,10 +105,14 @@ class ControllerCore:
         self.leader = False
         self.state = State()
         self._views: dict[str, HostView] = {}       # host -> view of the current state and time
+        self._views_fingerprint = ""
         self._compiler = None
         self._streams: dict[int, Stream] = {}
         self._next_wakeup: dt.datetime | None = None
         self._stop = threading.Event()
+        self._registration_timer = None
+        self._status_pending: dict[str, str] = {}
+        self._status_cond = threading.Condition()
         self.flows = FlowHub(history=16384)     # flows from the agents connected here
         self.flows_agent_lost = 0
         self.reload()
@@ -178,10 +184,18 @@ class ControllerCore:
 
     # -- compiled views ------------------------------------------------------------
 
-    def _forget_views(self) -> None:
+    def _forget_views(self, force: bool = False) -> None:
+        """After a state change: compiled views are dropped unless the change
+        cannot alter them (same compile inputs); kept views are relabelled
+        with the new revision as they are asked for. force: time passed a
+        validity window or a session's end."""
         with self._lock:
+            fingerprint = self.state.compile_inputs()
+            if not force and fingerprint == self._views_fingerprint:
+                return
             self._views.clear()
             self._compiler = None
+            self._views_fingerprint = fingerprint
 
     def view(self, host: str) -> HostView:
         """The host's compiled state now; one compiler serves every host
@@ -189,6 +203,10 @@ class ControllerCore:
         with self._lock:
             cached = self._views.get(host)
             if cached is not None:
+                if cached.revision != self.state.revision:
+                    digest = cached.digest()
+                    cached = self._views[host] = dataclasses.replace(cached, revision=self.state.revision)
+                    cached.__dict__["_digest"] = digest
                 return cached
             state = self.state
             if self._compiler is None:
@@ -233,10 +251,35 @@ class ControllerCore:
         record = {"connected": connected, "applied_revision": stream.applied_revision,
                   "digest": stream.applied_digest, "controller": self.name, "error": stream.error,
                   "apply_ms": stream.apply_ms, "last_seen": utcnow().isoformat()}
+        self.put_status(f"agent/{stream.host}", json.dumps(record))
+
+    def put_status(self, key: str, value: str) -> None:
+        """Status records are written in batches (STATUS_FLUSH_S): a fleet's
+        acks after a change are one store transaction, not one each. The
+        latest record of a key wins."""
+        with self._status_cond:
+            self._status_pending[key] = value
+            self._status_cond.notify()
+
+    def flush_status(self) -> None:
+        with self._status_cond:
+            items, self._status_pending = self._status_pending, {}
+        if not items:
+            return
         try:
-            self.store.put_status(f"agent/{stream.host}", json.dumps(record))
+            self.store.put_status_many(items)
         except StoreError as e:
-            log.warning("cannot record status of %s: %s", stream.host, e)
+            log.warning("cannot record the status of %d agent(s): %s", len(items), e)
+
+    def _status_writer(self) -> None:
+        while not self._stop.is_set():
+            with self._status_cond:
+                if not self._status_pending:
+                    self._status_cond.wait(1.0)
+            if self._stop.wait(STATUS_FLUSH_S):
+                break
+            self.flush_status()
+        self.flush_status()
 
     def commit_registrations(self) -> None:
         """Leader: commits registrations filed by any controller that differ
@@ -255,6 +298,22 @@ class ControllerCore:
             log.info("registered %s", ", ".join(sorted(changed)))
         except (Refused, DataplaneError) as e:
             log.warning("registrations not recorded: %s", e)
+
+    def commit_registrations_soon(self, delay_s: float = 0.1) -> None:
+        """Registrations arriving together (a fleet reconnecting) are
+        committed together: one revision, one recompile, not one per agent."""
+        with self._lock:
+            if self._registration_timer is not None:
+                return
+            timer = self._registration_timer = threading.Timer(delay_s, self._commit_registrations_now)
+        timer.daemon = True
+        timer.start()
+
+    def _commit_registrations_now(self) -> None:
+        with self._lock:
+            self._registration_timer = None
+        self.flush_status()
+        self.commit_registrations()
 
     def connected_hosts(self) -> set[str]:
         with self._lock:
@@ -304,7 +363,7 @@ class ControllerCore:
                     self._next_wakeup = None
             if due:
                 log.info("a validity window or session end passed: recompiling")
-                self._forget_views()
+                self._forget_views(force=True)
                 self.push_all()
 
     def stop(self) -> None:
@@ -313,6 +372,8 @@ class ControllerCore:
             streams = list(self._streams.values())
         for s in streams:
             s.queue.put(None)
+        with self._status_cond:
+            self._status_cond.notify()
 
 
 class AgentSyncServicer(pb_grpc.AgentSyncServicer):
@@ -407,14 +468,11 @@ class AgentSyncServicer(pb_grpc.AgentSyncServicer):
         record = {"interfaces": sorted(hello.interfaces), "addresses": sorted(hello.addresses),
                   "endpoints": sorted(({"name": e.name, "addresses": list(e.addresses), "labels": dict(e.labels)}
                                        for e in hello.endpoints), key=lambda e: e["name"])}
-        if core.state.agents.get(hello.host) == record:
+        if core.state.agents.get(hello.host, EMPTY_REGISTRATION) == record:
             return
-        try:
-            core.store.put_status(f"registration/{hello.host}", json.dumps(record))
-        except StoreError as e:
-            log.warning("registration of %s not filed: %s", hello.host, e)
+        core.put_status(f"registration/{hello.host}", json.dumps(record))
         if core.leader:
-            core.commit_registrations()
+            core.commit_registrations_soon()
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -448,9 +506,11 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             return {f"policy/{number}": json.dumps(record),
                     "meta": json.dumps({"revision": s.revision, "active_policy": number})}, []
         state = self.core.commit(change)
+        # Warnings (a rule matching nothing, an address claimed twice) come
+        # from the identities every host shares: one host's compile has them all.
         compiler = state.compiler()
-        for host in compiler.inventory.hosts:
-            warnings += [w for w in compiler.compile(host.name).warnings if w not in warnings]
+        first = compiler.inventory.hosts[0].name if compiler.inventory.hosts else ""
+        warnings += compiler.compile(first).warnings
         return pb.ApplyPolicyResponse(revision=self._revision_msg(state.active_policy, state),
                                       state_revision=state.revision, warnings=warnings)
 
@@ -689,6 +749,8 @@ def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, rea
     store.campaign(name, core.set_leader)
     store.watch(core.reload)
     threading.Thread(target=core.timers, daemon=True).start()
+    writer = threading.Thread(target=core._status_writer, name="status-writer", daemon=True)
+    writer.start()
     # Every agent's Sync stream holds a server thread, and so does every
     # following flow client: room for all of them plus the admin calls.
     server, port = serve(core, listen, tls, max_workers=max_agents + MAX_FLOW_FOLLOWERS + 64,
@@ -705,6 +767,8 @@ def run(store: Store, name: str, listen: str, tls: certs.Credentials | None, rea
     stop.wait()
     core.stop()
     server.stop(grace=1).wait()
+    writer.join(timeout=5)
+    core.flush_status()          # what the streams' ends reported
     if metrics_server:
         metrics_server.stop()
     store.close()

@@ -86,10 +86,18 @@ class State:
         return parse_policy(data, where)
 
     def declared(self) -> Inventory:
-        return parse_inventory(*loads(self.inventory_text, "inventory"))
+        """The inventory as declared (parsed once per text: a fleet's
+        inventory is large, and every agent's hello asks)."""
+        cached = self.__dict__.get("_declared")
+        if cached is None or cached[0] is not self.inventory_text:
+            cached = (self.inventory_text, parse_inventory(*loads(self.inventory_text, "inventory")))
+            cached = cached + (frozenset(h.name for h in cached[1].hosts),)
+            self.__dict__["_declared"] = cached
+        return cached[1]
 
     def declared_hosts(self) -> set[str]:
-        return {h.name for h in self.declared().hosts}
+        self.declared()
+        return set(self.__dict__["_declared"][2])
 
     def inventory(self) -> Inventory:
         """The declared inventory, plus what declared hosts' agents registered
@@ -113,6 +121,16 @@ class State:
                                           dict(ep.get("labels", {})), f"agent {host}"))
         sessions = [session_from_record(r) for _, r in sorted(self.sessions.items())]
         return Inventory(tuple(hosts), tuple(endpoints), tuple(sessions), declared.networks, "inventory")
+
+    def compile_inputs(self) -> str:
+        """A fingerprint of everything host states are compiled from. Two
+        states with the same fingerprint compile to the same host states
+        (at the same time): an agent registering only its interfaces, say."""
+        active = self.policies.get(self.active_policy, {})
+        data = [active.get("text"), self.inventory_text,
+                {h: [r.get("addresses"), r.get("endpoints")] for h, r in self.agents.items()},
+                self.sessions, self.identities, self.rules]
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
     def compiler(self, now: dt.datetime | None = None, allocate: bool = False) -> Compiler:
         """A compiler over this state. allocate=True (the leader, before a
@@ -163,20 +181,32 @@ class HostView:
 
     @classmethod
     def of(cls, st: CompiledState, revision: int) -> "HostView":
-        ipcache = {str(n): (i, st.expiries[n].astimezone(dt.timezone.utc).isoformat() if n in st.expiries else "")
-                   for n, i in st.identities.items()}
         from dataplane.identity import render
 
+        if st.ipcache_text is not None:
+            exp = st.expiry_text or {}
+            ipcache = {t: (i, exp.get(t, "")) for t, i in st.ipcache_text.items()}
+        else:
+            ipcache = {str(n): (i, st.expiries[n].astimezone(dt.timezone.utc).isoformat() if n in st.expiries
+                                else "") for n, i in st.identities.items()}
+        rendered = st.rendered if st.rendered is not None else {n: render(lab) for n, lab in st.labels.items()}
         return cls(revision, st.host, ipcache, frozenset(st.entries), st.audit_default,
-                   {i: n for n, i in st.rule_ids.items()}, {n: render(lab) for n, lab in st.labels.items()},
+                   {i: n for n, i in st.rule_ids.items()}, dict(rendered),
                    list(st.locals), st.next_change.isoformat() if st.next_change else "")
 
     def digest(self) -> str:
+        """Of what the datapath enforces (ipcache, entries, mode); computed once per view."""
+        cached = self.__dict__.get("_digest")
+        if cached is not None:
+            return cached
         h = hashlib.sha256()
-        h.update(json.dumps(sorted(self.ipcache.items()), separators=(",", ":")).encode())
-        h.update(json.dumps(sorted(dataclasses.astuple(e) for e in self.entries), separators=(",", ":")).encode())
+        h.update("\n".join(f"{p}\t{i}\t{e}" for p, (i, e) in sorted(self.ipcache.items())).encode())
+        h.update(b"\0")
+        h.update("\n".join(f"{e.local_id},{e.remote_id},{e.direction},{e.proto},{e.port_lo},{e.port_hi},"
+                           f"{e.action},{e.rule_id}" for e in sorted(self.entries)).encode())
         h.update(b"audit" if self.audit_default else b"enforce")
-        return h.hexdigest()[:32]
+        self.__dict__["_digest"] = h.hexdigest()[:32]
+        return self.__dict__["_digest"]
 
     def to_msg(self) -> state_pb2.HostState:
         return state_pb2.HostState(

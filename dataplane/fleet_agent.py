@@ -98,7 +98,15 @@ class FleetAgent:
         self.on_applied = None           # callback(view, apply_ms), for benchmarks and tests
         self.telemetry = None
         self.upload_lost = 0
-        self.names = self._names_of(self.view)
+        self._names = None
+
+    @property
+    def names(self):
+        """flows.Names of the view in force, built when first asked for."""
+        names = self._names
+        if names is None or names.revision != (self.view.revision if self.view else 0):
+            names = self._names = self._names_of(self.view)
+        return names
 
     def _names_of(self, view):
         from dataplane.flows import Names
@@ -110,7 +118,7 @@ class FleetAgent:
 
     def _set_view(self, view) -> None:
         self.view = view
-        self.names = self._names_of(view)
+        self._names = None
 
     # -- local record of what is enforced --
 

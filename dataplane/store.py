@@ -48,6 +48,11 @@ class Store:
     def put_status(self, key: str, value: str) -> None:
         raise NotImplementedError
 
+    def put_status_many(self, items: dict) -> None:
+        """Several status records at once (one transaction where the store has them)."""
+        for k, v in items.items():
+            self.put_status(k, v)
+
     def load_status(self) -> dict:
         raise NotImplementedError
 
@@ -118,6 +123,19 @@ class SqliteStore(Store):
     def put_status(self, key: str, value: str) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO status (key, value) VALUES (?, ?)", (key, value))
+
+    def put_status_many(self, items: dict) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO status (key, value) VALUES (?, ?)", items.items())
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise StoreError(f"store {self.path}: {e}") from None
 
     def load_status(self) -> dict:
         with self._lock:

@@ -13,7 +13,8 @@ fi
 
 arch=$(dpkg --print-architecture)
 pkgs=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1 bpftool clang llvm
-      "linux-headers-$arch" iproute2 iputils-ping ethtool procps make git etcd-server prometheus)
+      "linux-headers-$arch" iproute2 iputils-ping ethtool procps make git etcd-server prometheus
+      iptables nftables ipset python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
