@@ -145,6 +145,25 @@ GROUP_TITLES = {
 }
 
 
+LIMITS = """\
+- One small VM (2 vCPUs): the generator, the program under test and the
+  baselines share the CPUs; figures are comparable within a run, not
+  across machines. Load averages at start and end are recorded.
+- Per-packet figures come from BPF_PROG_TEST_RUN: no driver, no DMA, the
+  frame in cache. They are the program's own cost, a lower bound for live
+  traffic. Keys are random and uniform over N; real traffic is skewed to
+  hot flows, which is cheaper at large N.
+- Live throughput runs through veth in network namespaces, not a NIC:
+  XDP on veth runs in the veth's NAPI context after a frame was redirected
+  into it; iptables/nftables rows include the network stack up to their
+  hook. The generator is a live-frames test run on one CPU.
+- Fleet figures use lightweight agents (the agent protocol without a
+  datapath) in one process next to the controller; a real fleet spreads
+  that load over many machines.
+- Sizes are powers of two: 128k is 131,072 entries, 1M is 1,048,576.
+"""
+
+
 def table(rows: list[dict]) -> str:
     out = []
     groups = []
@@ -202,8 +221,40 @@ def write_report(report: dict, plots: list[Path]) -> str:
         head.append("")
     for p in plots:
         head += [f"![{p.stem}]({p.name})", ""]
-    head += ["## All figures", "", table(report["rows"])]
+    head += ["## All figures", "", table(report["rows"]), "## Limits", "", LIMITS]
     return "\n".join(head)
+
+
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def update_readme(report: dict, made: list[Path]) -> bool:
+    """A full run rewrites the README's benchmark block (between the markers)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    m = report["machine"]
+    lines = [README_BEGIN,
+             f"Latest full run, {m['date'][:10]}: {m['cpu_model']}, {m['vcpus']} vCPUs, kernel {m['kernel']}, "
+             f"BPF JIT {'on' if m.get('bpf_jit_enable') == 1 else m.get('bpf_jit_enable')} "
+             f"(`make bench`, {report['elapsed_s'] / 60:.0f} min; full report: "
+             "[bench/results/latest.md](bench/results/latest.md)).", ""]
+    t = targets(report["rows"])
+    if t:
+        lines += ["| target | figure | value | met |", "|---|---|---:|---|"]
+        for r in t:
+            lines.append(f"| {r['target_text']} | {r['name']} | {_fmt(r['median'], r['unit'])}"
+                         f"{'' if r['unit'] == 'x' else ' ' + r['unit']} | "
+                         f"{'yes' if r.get('met') else ('no' if r.get('met') is False else 'not measured')} |")
+        lines.append("")
+    main_plot = next((p for p in made if p.stem == "live_throughput"), made[0] if made else None)
+    if main_plot is not None:
+        lines += [f"![{main_plot.stem}]({main_plot.relative_to(ROOT)})", ""]
+    lines.append(README_END)
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + "\n".join(lines) + text[end:])
+    return True
 
 
 def plots(report: dict, out_dir: Path) -> list[Path]:
@@ -343,6 +394,8 @@ def main(argv=None) -> int:
     (out_dir / "latest.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     text = write_report(report, made)
     (out_dir / "latest.md").write_text(text + "\n")
+    if not args.quick and not interrupted and set(want) == set(PARTS):
+        update_readme(report, made)
     print(text)
     rel = out_dir.relative_to(ROOT)
     print(f"\n(written: {rel}/latest.json, {rel}/latest.md" + "".join(f", {rel}/{p.name}" for p in made) + ")")

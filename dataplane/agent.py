@@ -101,11 +101,15 @@ def apply_compiled(dp, state: CompiledState, ws: Workspace, sources: dict | None
     record of what is in force. Numbers are saved before the maps change, so
     a crash never leaves the maps using numbers the workspace forgot."""
     identities = state.ipcache()
-    problems = tables.check_capacity(dp, identities, state.entries)
+    try:
+        layout = tables.layout_policy(state.entries)
+    except MapError as e:
+        raise CapacityError(f"the policy does not fit in the datapath, nothing was changed: {e}") from None
+    problems = tables.check_capacity(dp, identities, state.entries, layout=layout)
     if problems:
         raise CapacityError("the policy does not fit in the datapath, nothing was changed: " + "; ".join(problems))
     ws.save_numbers()
-    result = tables.apply_state(dp, identities, state.entries, audit_default=state.audit_default)
+    result = tables.apply_state(dp, identities, state.entries, audit_default=state.audit_default, layout=layout)
     ws.write_applied({
         "host": state.host,
         "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -176,10 +176,12 @@ class FleetAgent:
         try:
             if self.dp is not None:
                 ipcache = view.loader_ipcache()
-                problems = tables.check_capacity(self.dp, ipcache, view.entries)
+                layout = tables.layout_policy(view.entries)
+                problems = tables.check_capacity(self.dp, ipcache, view.entries, layout=layout)
                 if problems:
                     raise CapacityError("does not fit: " + "; ".join(problems))
-                result = tables.apply_state(self.dp, ipcache, view.entries, audit_default=view.audit_default)
+                result = tables.apply_state(self.dp, ipcache, view.entries, audit_default=view.audit_default,
+                                            layout=layout)
                 self.ws.write_applied({
                     "host": view.host, "applied_at": utcnow().isoformat(), "mode": "audit" if view.audit_default
                     else "enforce", "sources": {"controller": self.connected_to}, "revision": view.revision,
