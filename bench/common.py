@@ -83,7 +83,8 @@ def target_row(group: str, id_: str, name: str, value_row: dict | None, target: 
 class Progress:
     """A one-line progress bar on stderr (a line per step when not a terminal)."""
 
-    def __init__(self, total: int, stream=None):
+    def __init__(self, total: int, stream=None, prefix: str = ""):
+        self.prefix = prefix
         self.total = max(1, total)
         self.done = 0
         self.stream = stream or sys.stderr
@@ -92,7 +93,7 @@ class Progress:
         self.label = ""
 
     def add(self, n: int) -> None:
-        self.total += n
+        self.total = n if self.done == 0 and self.total == 1 else self.total + n
 
     def step(self, label: str, n: int = 1) -> None:
         self.done = min(self.total, self.done + n)
@@ -107,7 +108,8 @@ class Progress:
         width = 30
         filled = int(width * self.done / self.total)
         elapsed = time.monotonic() - self.t0
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+        line = (f"{self.prefix + ' ' if self.prefix else ''}[{'#' * filled}{'.' * (width - filled)}] "
+                f"{self.done}/{self.total} "
                 f"{int(elapsed) // 60}:{int(elapsed) % 60:02d}  {self.label}")
         if self.tty:
             self.stream.write("\r\033[K" + line[:160])

@@ -5,9 +5,10 @@
     .venv/bin/python bench/fleet.py --quick    # smoke run
 
 (a) Policy propagation: one controller (SQLite store, mutual TLS) on
-    loopback and N lightweight agents (FleetAgent without a datapath,
-    threads of this process, each with its own certificate, gRPC channel and
-    Sync stream, each its own host in the inventory with one endpoint). For
+    loopback and N lightweight agents (asyncio tasks speaking the agent
+    protocol without a datapath, see AioAgents; each with its own
+    certificate, gRPC channel and Sync stream, each its own host in the
+    inventory with one endpoint). For
     every policy change: the time from just before the ApplyPolicy call
     until the first agent and until the last of the N agents applied that
     revision, and the call's own latency.
@@ -16,8 +17,8 @@
     address in another namespace, a steady UDP flow (one packet every ~1 ms)
     from the client to a port the session's identity may reach. The session
     is revoked through the controller; the figure is the time from just
-    before the RevokeSession call to the first DROP event of that flow in
-    the datapath's ring buffer (read by this process). The session is
+    before the RevokeSession call to the first drop of that flow in the
+    agent's flow stream (the datapath's timestamp). The session is
     re-opened, and the flow seen passing again, between trials.
 
 bench/README.md explains the method. Results go to bench/results/fleet.json

@@ -51,9 +51,26 @@ def _size_label(n: int) -> str:
     return str(n)
 
 
+_LOG = None
+
+
+def _file_log(msg: str) -> None:
+    """The parts' progress lines go to bench/results/latest.log; the terminal shows the bar."""
+    if _LOG is not None:
+        _LOG.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        _LOG.flush()
+
+
+def _quiet(module):
+    if hasattr(module, "log"):
+        module.log = _file_log
+    return module
+
+
 def perpacket(quick: bool, progress: Progress) -> tuple[list[dict], dict]:
     import datapath_ns as dn
 
+    _quiet(dn)
     sizes = [1 << 10, 1 << 16] if quick else [1 << 10, 1 << 17, 1 << 20]
     want = set(dn.GROUPS)
     s = dn.Settings(10 ** 5 if quick else 10 ** 6, 3 if quick else 5, warmup=(10 ** 4 if quick else 10 ** 5))
@@ -107,13 +124,13 @@ def part(name: str, quick: bool, progress: Progress) -> tuple[list[dict], dict]:
         return perpacket(quick, progress)
     if name == "live":
         import live
-        return live.run(quick, progress), {}
+        return _quiet(live).run(quick, progress), {}
     if name == "control":
         import control
-        return control.run(quick, progress), {}
+        return _quiet(control).run(quick, progress), {}
     if name == "fleet":
         import fleet
-        return fleet.run(quick, progress), {}
+        return _quiet(fleet).run(quick, progress), {}
     raise ValueError(name)
 
 
@@ -282,10 +299,15 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
             ax.errorbar([r["params"]["n"] for r in rs], [r["median"] for r in rs],
                         yerr=[[r["median"] - r["min"] for r in rs], [r["max"] - r["median"] for r in rs]],
                         marker="o", capsize=3, label=tool)
-        for r in rows:
-            if r["group"] == "live" and not r.get("params", {}).get("n") and r.get("median") is not None \
-                    and r["unit"] == "Mpps":
-                ax.axhline(r["median"], linestyle="--", linewidth=1, label=r["name"], color=None)
+        by_id = {r["id"]: r for r in rows if r["group"] == "live" and r.get("median") is not None}
+        for rid, label, style in (("live_dp_denied", "this project (XDP), one denied flow", ("tab:red", "-", 2.5)),
+                                  ("live_dp_denied_10k_src", "this project (XDP), 10k denied sources",
+                                   ("tab:red", "--", 1.5)),
+                                  ("live_xdp_drop", "empty XDP program (XDP_DROP): the ceiling", ("grey", ":", 1.5)),
+                                  ("live_noprog", "no rules at all: the stack drops it", ("black", "-.", 1))):
+            if rid in by_id:
+                color, ls, lw = style
+                ax.axhline(by_id[rid]["median"], color=color, linestyle=ls, linewidth=lw, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("rules / set elements before the deciding one (N)")
@@ -362,6 +384,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     report = {"suite": "zt-dataplane", "format": 1, "quick": args.quick, "parts": want,
               "machine": common.machine(), "rows": [], "details": {}}
+    global _LOG
+    _LOG = (out_dir / "latest.log").open("w")
     progress = Progress(0)
     interrupted = False
     try:
@@ -369,8 +393,10 @@ def main(argv=None) -> int:
             for name in want:
                 report["rows"].append(missing(name, name, name, "-", "needs root (BPF, namespaces, iptables)"))
         else:
-            for name in want:
-                progress.note(f"{name}: starting")
+            for i, name in enumerate(want, 1):
+                progress.close()
+                progress = Progress(0, prefix=f"part {i}/{len(want)} {name}")
+                progress.note("starting")
                 try:
                     rows, details = part(name, args.quick, progress)
                 except KeyboardInterrupt:
@@ -389,6 +415,7 @@ def main(argv=None) -> int:
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     report["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
     report["interrupted"] = interrupted
+    _LOG.close()
 
     made = plots(report, out_dir)
     (out_dir / "latest.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
