@@ -110,7 +110,6 @@ class ControllerCore:
         self._streams: dict[int, Stream] = {}
         self._next_wakeup: dt.datetime | None = None
         self._stop = threading.Event()
-        self._registration_timer = None
         self._status_pending: dict[str, str] = {}
         self._status_cond = threading.Condition()
         self.flows = FlowHub(history=16384)     # flows from the agents connected here
@@ -299,22 +298,6 @@ class ControllerCore:
         except (Refused, DataplaneError) as e:
             log.warning("registrations not recorded: %s", e)
 
-    def commit_registrations_soon(self, delay_s: float = 0.1) -> None:
-        """Registrations arriving together (a fleet reconnecting) are
-        committed together: one revision, one recompile, not one per agent."""
-        with self._lock:
-            if self._registration_timer is not None:
-                return
-            timer = self._registration_timer = threading.Timer(delay_s, self._commit_registrations_now)
-        timer.daemon = True
-        timer.start()
-
-    def _commit_registrations_now(self) -> None:
-        with self._lock:
-            self._registration_timer = None
-        self.flush_status()
-        self.commit_registrations()
-
     def connected_hosts(self) -> set[str]:
         with self._lock:
             return {s.host for s in self._streams.values()}
@@ -470,9 +453,14 @@ class AgentSyncServicer(pb_grpc.AgentSyncServicer):
                                        for e in hello.endpoints), key=lambda e: e["name"])}
         if core.state.agents.get(hello.host, EMPTY_REGISTRATION) == record:
             return
-        core.put_status(f"registration/{hello.host}", json.dumps(record))
+        try:
+            core.store.put_status(f"registration/{hello.host}", json.dumps(record))
+        except StoreError as e:
+            log.warning("registration of %s not filed: %s", hello.host, e)
         if core.leader:
-            core.commit_registrations_soon()
+            # Before the first state is sent, so the agent starts from a
+            # state that has its registration in it.
+            core.commit_registrations()
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
