@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import errno
 import hashlib
 import ipaddress
@@ -36,7 +35,6 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -615,48 +613,14 @@ def snapshot_sources(into: Path) -> tuple[Path, str]:
 
 
 def machine() -> dict:
-    def read(path):
-        try:
-            return Path(path).read_text().strip()
-        except OSError:
-            return None
+    import common
 
-    cpu = None
-    for line in (read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    jit = read("/proc/sys/net/core/bpf_jit_enable")
     try:
         import bcc
         bcc_version = getattr(bcc, "__version__", None)
     except ImportError:
         bcc_version = None
-    u = os.uname()
-    return {
-        "cpu_model": cpu,
-        "vcpus": os.cpu_count(),
-        "kernel": u.release,
-        "kernel_version": u.version,
-        "bpf_jit_enable": int(jit) if jit is not None and jit.isdigit() else jit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": read("/proc/loadavg"),
-        "bcc": bcc_version,
-        "python": sys.version.split()[0],
-        "git": _git(),
-    }
-
-
-def _git() -> dict | None:
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "bpf", "loader"],
-                                 capture_output=True, text=True, check=True).stdout.splitlines()
-        # Uncommitted changes to what is measured: the figures belong to the working tree.
-        return {"commit": commit, "bpf_loader_changes": [line.strip() for line in changed]}
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return {**common.machine(), "bcc": bcc_version}
 
 
 def ratios(rows: list[dict], sizes: list[int]) -> list[dict]:

@@ -663,30 +663,9 @@ def bench_revocation(trials: int, workdir: Path, pki: Path | None, row: dict) ->
 # --- report ---------------------------------------------------------------------------------
 
 def machine() -> dict:
-    def read(path):
-        try:
-            return Path(path).read_text().strip()
-        except OSError:
-            return None
+    import common
 
-    cpu = None
-    for line in (read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    u = os.uname()
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "dataplane", "loader",
-                                  "bpf"], capture_output=True, text=True, check=True).stdout.splitlines()
-        git = {"commit": commit, "changes": [line.strip() for line in changed]}
-    except (OSError, subprocess.CalledProcessError):
-        git = None
-    return {"cpu_model": cpu, "vcpus": os.cpu_count(), "kernel": u.release, "kernel_version": u.version,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "loadavg_start": read("/proc/loadavg"), "python": sys.version.split()[0],
-            "grpc": grpc.__version__, "git": git}
+    return {**common.machine(), "grpc": grpc.__version__}
 
 
 def finish(row: dict, expected: int) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
-from common import Progress, missing, ratio, target_row  # noqa: E402
+from common import Progress, missing, ratio  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PARTS = ("perpacket", "live", "control", "fleet")
