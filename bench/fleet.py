@@ -34,7 +34,6 @@ import argparse
 import datetime
 import ipaddress
 import json
-import logging
 import math
 import os
 import shutil
@@ -56,7 +55,7 @@ import grpc
 
 from dataplane import certs
 from dataplane.agent_server import socket_path
-from dataplane.fleet_agent import FleetAgent, FleetOptions, channel_to
+from dataplane.fleet_agent import channel_to
 from dataplane.lab import Lab
 from dataplane.v1 import agent_pb2, agent_pb2_grpc
 from dataplane.v1 import controller_pb2 as pb
@@ -69,7 +68,6 @@ if not CLI.exists():
     CLI = Path(shutil.which("dataplane") or CLI)
 RUN_DIR = Path("/run/dataplane")            # agent status sockets
 
-AIO_AGENTS = True                           # lightweight agents as asyncio tasks (see AioAgents)
 TARGET_PROPAGATION_S = 1.0                  # 100 agents: push -> all applied
 TARGET_REVOCATION_P99_S = 0.200             # revoke -> first dropped packet, p99
 
@@ -249,7 +247,6 @@ class AioAgents:
         self.views: list = [None] * n
         self.errors: dict[str, str] = {}
         self.loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event() if False else None
 
         async def agent(i: int):
             host = host_name(i)
@@ -322,65 +319,6 @@ class AioAgents:
                 out.append(t)
         return out
 
-    @property
-    def agents(self):
-        return [type("A", (), {"view": v, "opts": type("O", (), {"host": host_name(i)}), "last_error":
-                               self.errors.get(host_name(i), "")}) for i, v in enumerate(self.views)]
-
-
-class LightAgents:
-    """n FleetAgents without a datapath, one thread each, recording when
-    each applied which revision."""
-
-    def __init__(self, n: int, address: str, pki: Path | None, workdir: Path, cleanup: Cleanup):
-        self._lock = threading.Lock()
-        self.applied: list[list[tuple[int, float]]] = [[] for _ in range(n)]
-        self.agents: list[FleetAgent] = []
-        threads = []
-        for i in range(n):
-            a = FleetAgent(None, FleetOptions(controllers=[address], host=host_name(i), tls=agent_tls(pki, host_name(i)),
-                                              state_dir=str(workdir / "light" / host_name(i))))
-            a.on_applied = self._recorder(i)
-            self.agents.append(a)
-            threads.append(threading.Thread(target=a.run, name=f"agent-{host_name(i)}", daemon=True))
-
-        def stop():
-            quiet = logging.getLogger("dataplane.agent")
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)     # each stop cancels a stream: not worth a warning
-            try:
-                for a in self.agents:
-                    a.stop()
-                for t in threads:
-                    t.join(timeout=10)
-            finally:
-                quiet.setLevel(level)
-        cleanup.push(f"{n} light agents", stop)
-        for t in threads:
-            t.start()
-
-    def _recorder(self, i: int):
-        def record(view, ms):
-            t = time.monotonic()
-            with self._lock:
-                self.applied[i].append((view.revision, t))
-        return record
-
-    def revisions(self) -> list[int]:
-        return [a.view.revision if a.view else 0 for a in self.agents]
-
-    def times_for(self, revision: int) -> list[float] | None:
-        """Per agent, when it first applied `revision` or a later one; None
-        while some agent has not."""
-        out = []
-        with self._lock:
-            for records in self.applied:
-                t = next((t for r, t in records if r >= revision), None)
-                if t is None:
-                    return None
-                out.append(t)
-        return out
-
 
 def bench_propagation(n: int, changes: int, workdir: Path, pki: Path | None, row: dict) -> None:
     """Fills row as it goes (samples in row["raw"]), so that an error or an
@@ -393,7 +331,7 @@ def bench_propagation(n: int, changes: int, workdir: Path, pki: Path | None, row
         ctl.stub.ApplyInventory(pb.ApplyInventoryRequest(text=propagation_inventory(n)), timeout=60)
         ctl.stub.ApplyPolicy(pb.ApplyPolicyRequest(text=propagation_policy(2000), comment="start"), timeout=60)
         t_connect = time.monotonic()
-        agents = (AioAgents if AIO_AGENTS else LightAgents)(n, ctl.address, pki, workdir, cleanup)
+        agents = AioAgents(n, ctl.address, pki, workdir, cleanup)
 
         # Agents register when they connect (a commit each): wait until the
         # state stops moving and every agent enforces the latest revision.
@@ -420,11 +358,11 @@ def bench_propagation(n: int, changes: int, workdir: Path, pki: Path | None, row
             raw["push_call"].append(t_ret - t0)
             _step(f"fleet: {n} agents, change {k + 1}/{changes}")
             if "entries_per_host" not in row:
-                entries = [len(a.view.entries) for a in agents.agents]
+                entries = [len(v.entries) for v in agents.views]
                 row["entries_per_host"] = [min(entries), max(entries)]
             time.sleep(SETTLE_S)
-        # An agent's last error is set when its stream ever broke (it then reconnected).
-        row["agent_errors"] = {a.opts.host: a.last_error for a in agents.agents if a.last_error}
+        # Streams that broke (an aio agent does not reconnect).
+        row["agent_errors"] = dict(agents.errors)
     finally:
         for e in cleanup.run():
             log(f"cleanup: {e}")
