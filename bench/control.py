@@ -523,7 +523,7 @@ def _control_table(s: Sizes, params: dict, t: dict, writes: dict) -> list[dict]:
         measured(GROUP, f"incr_total_{L}", "one-rule change: parse + compile + apply", "s", t["incr_total"],
                  "lower", change),
     ]
-    up = {"inserts": UPDATES, "map": "dp_ipcache_v2 (hash, 262144 entries)", "key": "/32, idle generation"}
+    up = {"inserts": UPDATES, "map": "dp_ipcache_v3 (hash, 262144 entries)", "key": "/32, idle generation"}
     batch = measured(GROUP, "updates_batch_100k", "ipcache: 100k inserts with Map.update_batch (one call)",
                      "updates/s", t["batch"], "higher", up,
                      note="BPF_MAP_UPDATE_BATCH, 65,536 entries per syscall; key/value structs built before timing")

@@ -8,7 +8,7 @@ costs it is built from, measured with BPF_PROG_TEST_RUN on random keys.
 Figures (bench/README.md explains each one's method):
   empty XDP program; the same plus the benchmark's random-key generation;
   one hash lookup of a random key (u32 key, and the conntrack key in an LRU
-  hash like dp_ct_v2); dp_xdp_ingress on an established flow, a new allowed
+  hash like dp_ct_v3); dp_xdp_ingress on an established flow, a new allowed
   flow and a denied flow, with the identity map as per-prefix-length hashes
   (the default) and as an LPM trie, each at every --sizes entry count.
 

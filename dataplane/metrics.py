@@ -68,7 +68,8 @@ class DatapathCollector:
 
     names_fn() -> flows.Names of the state in force; agent_fn() -> dict with
     mode, connected (fleet), applied_at (Unix s), flows_received,
-    flow_clients, flows_client_lost, flows_upload_lost (optional)."""
+    flow_clients, flows_client_lost, flows_upload_lost (optional),
+    conntrack_gc_deleted, conntrack_gc_errors."""
 
     def __init__(self, dp, names_fn, agent_fn, host: str):
         self.dp = dp
@@ -199,7 +200,11 @@ class DatapathCollector:
                 ("flows_client_lost", "flows_client_lost_total",
                  "Flows dropped for flow-stream clients that read too slowly"),
                 ("flows_upload_lost", "flows_upload_lost_total",
-                 "Flows not sent to the controller because the uplink was behind")):
+                 "Flows not sent to the controller because the uplink was behind"),
+                ("conntrack_gc_deleted", "conntrack_gc_deleted_total",
+                 "Expired conntrack entries deleted by the agent's collector"),
+                ("conntrack_gc_errors", "conntrack_gc_errors_total",
+                 "Conntrack collection passes that failed (retried at the next interval)")):
             if key in agent:
                 c = _counter(name, doc)
                 c.add_metric([], agent[key])

@@ -12,7 +12,7 @@ import enum
 import ipaddress
 import socket
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_PLENS = 40
 MAX_RANGES = 16
 REASON_MAX = 64
@@ -23,6 +23,7 @@ GEN_AUDIT_DEFAULT = 1 << 0
 CT_INIT_IS_A = 1 << 0
 CT_INIT_EGRESS = 1 << 1
 CT_CLOSING = 1 << 2
+CT_SEEN_REPLY = 1 << 3
 
 
 class ReservedIdentity(enum.IntEnum):

@@ -63,20 +63,20 @@ class MapSpec:
 
 u32 = ctypes.c_uint32
 MAP_SPECS = [
-    MapSpec("ipcache", "dp_ipcache_v2", abi.IpKey, abi.IpVal, "ipcache_max"),
-    MapSpec("plens", "dp_plens_v2", u32, abi.Plens, fixed_size=4),
-    MapSpec("gen", "dp_gen_v2", u32, abi.Gen, fixed_size=1),
-    MapSpec("policy", "dp_policy_v2", abi.PolicyKey, abi.PolicyVal, "policy_max"),
-    MapSpec("ranges", "dp_ranges_v2", u32, abi.RangeSet, "ranges_max", map_type=libbpf.BPF_MAP_TYPE_ARRAY),
-    MapSpec("ct", "dp_ct_v2", abi.CtKey, abi.CtVal, "ct_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),
-    MapSpec("frag", "dp_frag_v2", abi.FragKey, abi.FragVal, "frag_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),
-    MapSpec("config", "dp_config_v2", u32, abi.Config, fixed_size=1, map_type=libbpf.BPF_MAP_TYPE_ARRAY),
-    MapSpec("rules", "dp_rules_v2", u32, abi.RuleCounter, "rules_max", map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
-    MapSpec("reasons", "dp_reasons_v2", u32, abi.Counter, fixed_size=abi.REASON_MAX,
+    MapSpec("ipcache", "dp_ipcache_v3", abi.IpKey, abi.IpVal, "ipcache_max"),
+    MapSpec("plens", "dp_plens_v3", u32, abi.Plens, fixed_size=4),
+    MapSpec("gen", "dp_gen_v3", u32, abi.Gen, fixed_size=1),
+    MapSpec("policy", "dp_policy_v3", abi.PolicyKey, abi.PolicyVal, "policy_max"),
+    MapSpec("ranges", "dp_ranges_v3", u32, abi.RangeSet, "ranges_max", map_type=libbpf.BPF_MAP_TYPE_ARRAY),
+    MapSpec("ct", "dp_ct_v3", abi.CtKey, abi.CtVal, "ct_max"),
+    MapSpec("frag", "dp_frag_v3", abi.FragKey, abi.FragVal, "frag_max", map_type=libbpf.BPF_MAP_TYPE_LRU_HASH),
+    MapSpec("config", "dp_config_v3", u32, abi.Config, fixed_size=1, map_type=libbpf.BPF_MAP_TYPE_ARRAY),
+    MapSpec("rules", "dp_rules_v3", u32, abi.RuleCounter, "rules_max", map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
+    MapSpec("reasons", "dp_reasons_v3", u32, abi.Counter, fixed_size=abi.REASON_MAX,
             map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
-    MapSpec("stats", "dp_stats_v2", u32, ctypes.c_uint64, fixed_size=abi.STAT_MAX,
+    MapSpec("stats", "dp_stats_v3", u32, ctypes.c_uint64, fixed_size=abi.STAT_MAX,
             map_type=libbpf.BPF_MAP_TYPE_PERCPU_ARRAY),
-    MapSpec("events", "dp_events_v2", None, None, "events_bytes", map_type=libbpf.BPF_MAP_TYPE_RINGBUF),
+    MapSpec("events", "dp_events_v3", None, None, "events_bytes", map_type=libbpf.BPF_MAP_TYPE_RINGBUF),
 ]
 MAPS_BY_ATTR = {m.attr: m for m in MAP_SPECS}
 

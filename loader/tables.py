@@ -43,7 +43,7 @@ def _plens_for(networks: Iterable[abi.IpNetwork]) -> dict[int, abi.Plens]:
     for slot, family in ((0, abi.Family.IPV4), (1, abi.Family.IPV6)):
         lens = sorted(lengths[family], reverse=True)
         if len(lens) > abi.MAX_PLENS:
-            raise MapError(f"dp_plens_v2: {len(lens)} distinct IPv{int(family)} prefix lengths, "
+            raise MapError(f"dp_plens_v3: {len(lens)} distinct IPv{int(family)} prefix lengths, "
                            f"the datapath probes at most {abi.MAX_PLENS}")
         p = abi.Plens(count=len(lens))
         for i, plen in enumerate(lens):
@@ -118,7 +118,7 @@ def sync_identities(dp, wanted: Mapping, current: Mapping | None = None, gen: in
     wanted = _normalize_identities(wanted)
     current = read_ipcache(dp, gen) if current is None else _normalize_identities(current)
     if len(wanted) > dp.ipcache.max_entries // 2:
-        raise MapError(f"dp_ipcache_v2 is full: {len(wanted)} prefixes wanted, room for "
+        raise MapError(f"dp_ipcache_v3 is full: {len(wanted)} prefixes wanted, room for "
                        f"{dp.ipcache.max_entries // 2} per generation")
     upserts = [(abi.ip_key(n, lpm, gen), abi.IpVal(identity=v[0], expires_s=v[1]))
                for n, v in sorted(wanted.items(), key=lambda kv: _netkey(kv[0])) if current.get(n) != v]
@@ -197,7 +197,7 @@ def layout_policy(entries: Iterable[PolicyEntry]) -> tuple[dict, dict]:
         rs = sorted(set(rs), key=lambda r: (-r[3], r[1] - r[0], r[0], r[2]))
         if len(rs) > abi.MAX_RANGES:
             local, remote, _, proto, direction = key
-            raise MapError(f"dp_ranges_v2: {len(rs)} port ranges for local identity {local}, remote "
+            raise MapError(f"dp_ranges_v3: {len(rs)} port ranges for local identity {local}, remote "
                            f"{remote or 'any'}, protocol {proto}, {abi.Direction(direction).name.lower()}; "
                            f"at most {abi.MAX_RANGES}")
         sets[key] = tuple(rs)
@@ -252,7 +252,7 @@ def sync_policy(dp, entries: Iterable[PolicyEntry], gen: int | None = None, layo
     gen = _gen(dp, gen)
     want_policy, want_sets = layout if layout is not None else layout_policy(entries)
     if len(want_policy) > dp.policy.max_entries // 2:
-        raise MapError(f"dp_policy_v2 is full: {len(want_policy)} entries wanted, room for "
+        raise MapError(f"dp_policy_v3 is full: {len(want_policy)} entries wanted, room for "
                        f"{dp.policy.max_entries // 2} per generation")
     cur_policy, cur = read_policy(dp, gen)
     cur_sets, cur_index = cur["sets"], cur["index"]
@@ -273,7 +273,7 @@ def sync_policy(dp, entries: Iterable[PolicyEntry], gen: int | None = None, layo
         try:
             idx = next(free)
         except StopIteration:
-            raise MapError(f"dp_ranges_v2 is full: capacity {dp.ranges.max_entries - 1} range sets") from None
+            raise MapError(f"dp_ranges_v3 is full: capacity {dp.ranges.max_entries - 1} range sets") from None
         index[key] = idx
         by_content[rs] = idx
         new_sets.append((idx, _range_set(rs)))
@@ -309,15 +309,15 @@ def check_capacity(dp, identities: Mapping, entries: Iterable[PolicyEntry], rule
         return [str(e)]
     room = dp.ipcache.max_entries // 2
     if len(identities) > room:
-        problems.append(f"dp_ipcache_v2: {len(identities)} prefixes wanted, room for {room} per generation "
+        problems.append(f"dp_ipcache_v3: {len(identities)} prefixes wanted, room for {room} per generation "
                         f"(capacity {dp.ipcache.max_entries}, two generations)")
     room = dp.policy.max_entries // 2
     if len(policy) > room:
-        problems.append(f"dp_policy_v2: {len(policy)} entries wanted, room for {room} per generation "
+        problems.append(f"dp_policy_v3: {len(policy)} entries wanted, room for {room} per generation "
                         f"(capacity {dp.policy.max_entries}, two generations)")
     room = (dp.ranges.max_entries - 1) // 2
     if len(sets) > room:
-        problems.append(f"dp_ranges_v2: {len(sets)} port-range sets wanted, room for {room} per generation")
+        problems.append(f"dp_ranges_v3: {len(sets)} port-range sets wanted, room for {room} per generation")
     if not _is_lpm(dp):
         try:
             _plens_for(identities)
@@ -326,7 +326,7 @@ def check_capacity(dp, identities: Mapping, entries: Iterable[PolicyEntry], rule
     rules_max = rules_max or dp.rules.max_entries
     top = max((e.rule_id for e in entries), default=0)
     if top >= rules_max:
-        problems.append(f"dp_rules_v2: rule id {top} does not fit in {rules_max} counters")
+        problems.append(f"dp_rules_v3: rule id {top} does not fit in {rules_max} counters")
     return problems
 
 

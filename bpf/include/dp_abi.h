@@ -13,7 +13,7 @@
 #ifndef DP_ABI_H
 #define DP_ABI_H
 
-#define DP_ABI_VERSION 2
+#define DP_ABI_VERSION 3
 
 /* Reserved identities. Allocated identities start at DP_ID_FIRST_ALLOCATED. */
 enum dp_reserved_identity {
@@ -108,6 +108,7 @@ enum dp_stat {
 #define DP_CT_INIT_IS_A		(1U << 0)	/* the initiator is side a of the key */
 #define DP_CT_INIT_EGRESS	(1U << 1)	/* the flow was judged in the egress direction */
 #define DP_CT_CLOSING		(1U << 2)	/* TCP FIN or RST seen: short timeout */
+#define DP_CT_SEEN_REPLY	(1U << 3)	/* a packet from the responder passed: TCP is open */
 
 #define DP_MAX_PLENS		40	/* distinct prefix lengths per family in hash mode */
 #define DP_MAX_RANGES		16	/* port ranges per (local, remote, direction, protocol) */

@@ -40,6 +40,10 @@
 #ifndef DP_CT_TIMEOUT_TCP
 #define DP_CT_TIMEOUT_TCP 21600
 #endif
+/* A TCP flow the responder has not answered yet (a SYN and nothing back). */
+#ifndef DP_CT_TIMEOUT_OPENING
+#define DP_CT_TIMEOUT_OPENING 60
+#endif
 #ifndef DP_CT_TIMEOUT_CLOSING
 #define DP_CT_TIMEOUT_CLOSING 10
 #endif

@@ -63,12 +63,16 @@ static __always_inline void dp_ct_first_packet(const struct dp_ct_key *k, const 
 	}
 }
 
+/* How long an entry outlives its last packet. A TCP flow gets the long
+ * timeout only once the responder has answered: a SYN flood of allowed
+ * flows ties up the table for DP_CT_TIMEOUT_OPENING, not for hours. The
+ * agent's collector (loader/ctgc.py) applies the same rule. */
 static __always_inline __u64 dp_ct_lifetime_ns(__u8 proto, __u8 flags)
 {
 	if (flags & DP_CT_CLOSING)
 		return DP_CT_TIMEOUT_CLOSING * DP_NS_PER_SEC;
 	if (proto == IPPROTO_TCP)
-		return DP_CT_TIMEOUT_TCP * DP_NS_PER_SEC;
+		return (flags & DP_CT_SEEN_REPLY ? DP_CT_TIMEOUT_TCP : DP_CT_TIMEOUT_OPENING) * DP_NS_PER_SEC;
 	return DP_CT_TIMEOUT_OTHER * DP_NS_PER_SEC;
 }
 
@@ -84,10 +88,16 @@ static __always_inline int dp_ct_usable(const struct dp_ct_val *v, const struct 
 	return 1;
 }
 
-static __always_inline void dp_ct_touch(struct dp_ct_val *v, const struct dp_pkt *p, __u64 now)
+/* A packet of the flow passed: refresh last_seen (at most once a second),
+ * note the responder's first answer and a TCP close. from_initiator: the
+ * packet comes from the side that opened the flow. */
+static __always_inline void dp_ct_touch(struct dp_ct_val *v, const struct dp_pkt *p, __u64 now,
+					int from_initiator)
 {
 	if (now - v->last_seen_ns > DP_CT_REFRESH_NS)
 		v->last_seen_ns = now;
+	if (!from_initiator && !p->icmp_error && !(v->flags & DP_CT_SEEN_REPLY))
+		v->flags |= DP_CT_SEEN_REPLY;
 	if (p->t.proto == IPPROTO_TCP && !p->icmp_error &&
 	    (p->tcp_flags & (DP_TCP_FIN | DP_TCP_RST)) && !(v->flags & DP_CT_CLOSING))
 		v->flags |= DP_CT_CLOSING;

@@ -27,7 +27,7 @@ static __always_inline void dp_judge(const struct dp_tuple *t, __u8 dir, struct 
 				     struct dp_result *res)
 {
 	__u32 zero = 0;
-	struct dp_gen *g = dp_gen_v2.lookup(&zero);
+	struct dp_gen *g = dp_gen_v3.lookup(&zero);
 	__u8 gen = g ? g->active & 1 : 0;
 	__u32 gen_flags = g ? g->flags : 0;
 
@@ -62,7 +62,7 @@ static __always_inline void dp_follow_fragment(struct dp_pkt *p, __u64 now, stru
 	struct dp_frag_key fk = {};
 
 	dp_frag_key_of(p, &fk);
-	struct dp_frag_val *fv = dp_frag_v2.lookup(&fk);
+	struct dp_frag_val *fv = dp_frag_v3.lookup(&fk);
 	if (!fv || now - fv->created_ns > DP_FRAG_TIMEOUT * DP_NS_PER_SEC) {
 		res->verdict = DP_VERDICT_DENY;
 		res->reason = DP_DROP_FRAG_NO_FIRST;
@@ -93,7 +93,7 @@ static __always_inline void dp_track_fragment(const struct dp_pkt *p, __u64 now,
 	fv.dport = p->t.dport;
 	fv.proto = p->t.proto;
 	fv.verdict = res->reason < DP_REASON_FIRST_DROP ? res->verdict : DP_VERDICT_DENY;
-	if (dp_frag_v2.update(&fk, &fv) == 0)
+	if (dp_frag_v3.update(&fk, &fv) == 0)
 		dp_stat_inc(DP_STAT_FRAG_TRACKED);
 }
 
@@ -110,7 +110,7 @@ static __always_inline void dp_ct_admit(struct dp_ct_key *ck, int src_is_a, __u3
 	v.verdict = res->verdict;
 	v.expires_s = res->expires_s;
 	v.flags = (src_is_a ? DP_CT_INIT_IS_A : 0) | (res->dir == DP_DIR_EGRESS ? DP_CT_INIT_EGRESS : 0);
-	if (dp_ct_v2.update(ck, &v) == 0)
+	if (dp_ct_v3.update(ck, &v) == 0)
 		dp_stat_inc(DP_STAT_CT_CREATED);
 	else
 		dp_stat_inc(DP_STAT_CT_INSERT_FAILED);
@@ -156,7 +156,7 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 
 	struct dp_ct_key ck = {};
 	int src_is_a = dp_ct_key_of(p, &ck);
-	struct dp_ct_val *ct = dp_ct_v2.lookup(&ck);
+	struct dp_ct_val *ct = dp_ct_v3.lookup(&ck);
 	if (ct && !dp_ct_usable(ct, p, now)) {
 		dp_stat_inc(DP_STAT_CT_EXPIRED);
 		ct = NULL;
@@ -179,7 +179,7 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 			res->reason = DP_PASS_RELATED;
 		else
 			res->reason = from_initiator ? DP_PASS_ESTABLISHED : DP_PASS_REPLY;
-		dp_ct_touch(ct, p, now);
+		dp_ct_touch(ct, p, now, from_initiator);
 		goto out;
 	}
 
@@ -206,7 +206,7 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 	}
 	if (kind == DP_JUDGE_STALE) {
 		if (!allowed) {
-			dp_ct_v2.delete(&ck);
+			dp_ct_v3.delete(&ck);
 			res->reason = DP_DROP_REVOKED;
 			goto out;
 		}
@@ -218,7 +218,7 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 			ct->local_id = res->local_id;
 			ct->remote_id = res->remote_id;
 			ct->expires_s = res->expires_s;
-			dp_ct_touch(ct, p, now);
+			dp_ct_touch(ct, p, now, from_initiator);
 		}
 		res->reason = p->icmp_error ? DP_PASS_RELATED : DP_PASS_REJUDGED;
 		goto out;
@@ -236,7 +236,7 @@ static __always_inline int dp_process(void *data, void *data_end, __u32 pkt_len,
 {
 	__u32 zero = 0;
 
-	struct dp_config *cfg = dp_config_v2.lookup(&zero);
+	struct dp_config *cfg = dp_config_v3.lookup(&zero);
 	struct dp_scratch *s = dp_scratch.lookup(&zero);
 	if (!cfg || !s)
 		return 0;	/* cannot happen: array maps always hold index 0 */

@@ -28,7 +28,7 @@ struct dp_result {
 static __always_inline void dp_emit(const struct dp_pkt *p, const struct dp_result *res, __u8 hook,
 				    __u32 ifindex)
 {
-	struct dp_event *e = dp_events_v2.ringbuf_reserve(sizeof(struct dp_event));
+	struct dp_event *e = dp_events_v3.ringbuf_reserve(sizeof(struct dp_event));
 	if (!e) {
 		dp_stat_inc(DP_STAT_EVENTS_LOST);
 		return;
@@ -51,7 +51,7 @@ static __always_inline void dp_emit(const struct dp_pkt *p, const struct dp_resu
 	e->ifindex = ifindex;
 	e->pkt_len = p->len;
 	e->pad2 = 0;
-	dp_events_v2.ringbuf_submit(e, 0);
+	dp_events_v3.ringbuf_submit(e, 0);
 }
 
 #endif /* DP_EVENTS_H */

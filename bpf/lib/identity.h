@@ -45,7 +45,7 @@ static __always_inline void dp_identity_of(__u8 family, const __be32 *addr, __u8
 		k.addr[2] = addr[2];
 		k.addr[3] = addr[3];
 	}
-	struct dp_ip_val *v = dp_ipcache_v2.lookup(&k);
+	struct dp_ip_val *v = dp_ipcache_v3.lookup(&k);
 	if (v) {
 		*identity = v->identity;
 		*expires_s = v->expires_s;
@@ -66,7 +66,7 @@ static __always_inline void dp_identity_of(__u8 family, const __be32 *addr, __u8
 
 	*identity = DP_ID_WORLD;
 	*expires_s = 0;
-	struct dp_plens *pl = dp_plens_v2.lookup(&slot);
+	struct dp_plens *pl = dp_plens_v3.lookup(&slot);
 	if (!pl)
 		return;
 
@@ -80,7 +80,7 @@ static __always_inline void dp_identity_of(__u8 family, const __be32 *addr, __u8
 		k.addr[1] = addr[1] & pl->e[i].mask[1];
 		k.addr[2] = addr[2] & pl->e[i].mask[2];
 		k.addr[3] = addr[3] & pl->e[i].mask[3];
-		struct dp_ip_val *v = dp_ipcache_v2.lookup(&k);
+		struct dp_ip_val *v = dp_ipcache_v3.lookup(&k);
 		if (v) {
 			*identity = v->identity;
 			*expires_s = v->expires_s;

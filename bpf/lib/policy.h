@@ -38,7 +38,7 @@ static __always_inline int dp_fold(struct dp_decision *d, __u8 action, __u32 rul
 static __always_inline int dp_probe(struct dp_policy_key *k, __u16 port, int with_ranges,
 				    struct dp_decision *d)
 {
-	struct dp_policy_val *v = dp_policy_v2.lookup(k);
+	struct dp_policy_val *v = dp_policy_v3.lookup(k);
 	if (!v)
 		return 0;
 	if (with_ranges && v->ranges) {
@@ -47,7 +47,7 @@ static __always_inline int dp_probe(struct dp_policy_key *k, __u16 port, int wit
 		 * match is folded inside the loop so that nothing indexed by i
 		 * outlives it: the verifier then merges all the loop's exits. */
 		__u32 idx = v->ranges;
-		struct dp_range_set *rs = dp_ranges_v2.lookup(&idx);
+		struct dp_range_set *rs = dp_ranges_v3.lookup(&idx);
 		if (rs) {
 			__u32 n = rs->count;
 			for (int i = 0; i < DP_MAX_RANGES; i++) {

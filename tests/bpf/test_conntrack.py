@@ -231,8 +231,10 @@ def test_epoch_bump_with_rule_kept_rejudges(cdp, family, side):
     expect(cdp, hook, data, R.PASS_REJUDGED)
     _, after = only_entry(cdp)
     assert after.epoch == epoch != before.epoch
+    # The responder's packet also records that the flow was answered.
+    seen_reply = abi.CT_SEEN_REPLY if side == "responder" else 0
     assert (after.rule_id, after.verdict, after.flags, after.local_id, after.remote_id) == \
-        (before.rule_id, before.verdict, before.flags, before.local_id, before.remote_id)
+        (before.rule_id, before.verdict, before.flags | seen_reply, before.local_id, before.remote_id)
     assert cdp.rule_counter(5)[0] == 2
     # Judged once per epoch: the next packets are conntrack hits again.
     expect(cdp, "xdp_ingress", inbound(family, "A"), R.PASS_ESTABLISHED)

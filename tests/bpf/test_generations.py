@@ -96,7 +96,7 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_is_written(dp):
     before = (tables.active_generation(dp), dp.read_config().epoch, sorted(bytes(k) for k in dp.policy.keys()))
     room = dp.policy.max_entries // 2
     too_many = [tables.PolicyEntry(LOCAL_ID, 1000 + i, IN, TCP_P, 80, 80, V.ALLOW, 1) for i in range(room + 1)]
-    with pytest.raises(MapError, match=rf"dp_policy_v2: {room + 1} entries wanted, room for {room} per generation"):
+    with pytest.raises(MapError, match=rf"dp_policy_v3: {room + 1} entries wanted, room for {room} per generation"):
         tables.apply_state(dp, OLD_IDS, too_many)
     after = (tables.active_generation(dp), dp.read_config().epoch, sorted(bytes(k) for k in dp.policy.keys()))
     assert after == before
@@ -106,5 +106,5 @@ def test_a_state_that_does_not_fit_is_refused_and_nothing_is_written(dp):
 def test_capacity_check_names_each_map_that_overflows(dp):
     ids = {f"{10 + (i >> 16)}.{i >> 8 & 255}.{i & 255}.0/24": 1000 + i for i in range(dp.ipcache.max_entries // 2 + 1)}
     problems = tables.check_capacity(dp, ids, [entry(REMOTE_ID, 80, V.ALLOW, dp.rules.max_entries)])
-    assert any(p.startswith("dp_ipcache_v2:") for p in problems), problems
-    assert any(p.startswith("dp_rules_v2:") for p in problems), problems
+    assert any(p.startswith("dp_ipcache_v3:") for p in problems), problems
+    assert any(p.startswith("dp_rules_v3:") for p in problems), problems

@@ -257,7 +257,7 @@ def _too_big(d: Path):
     path = d / "policy.yaml"
     path.write_text("apiVersion: zt-dataplane/v1\nkind: Policy\nrules:\n" + "".join(rules))
     return (path, EXAMPLE_INVENTORY, "dataplane: error: ",
-            f"dp_policy_v2: {TOO_MANY} entries wanted, room for {POLICY_MAX // 2} per generation "
+            f"dp_policy_v3: {TOO_MANY} entries wanted, room for {POLICY_MAX // 2} per generation "
             + f"(capacity {POLICY_MAX}, two generations)")
 
 

@@ -60,7 +60,7 @@ def test_layout_is_deterministic_whatever_the_input_order():
 def test_too_many_ranges_for_one_key_names_the_map_and_the_key():
     entries = [PolicyEntry(300, 400, IN, 6, 1000 + 10 * i, 1005 + 10 * i, ALLOW, i + 1)
                for i in range(abi.MAX_RANGES + 1)]
-    with pytest.raises(MapError, match=r"dp_ranges_v2: 17 port ranges for local identity 300, remote 400"):
+    with pytest.raises(MapError, match=r"dp_ranges_v3: 17 port ranges for local identity 300, remote 400"):
         tables.layout_policy(entries)
 
 
