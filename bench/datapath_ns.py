@@ -7,7 +7,7 @@ costs it is built from, measured with BPF_PROG_TEST_RUN on random keys.
 
 Figures (bench/README.md explains each one's method):
   empty XDP program; the same plus the benchmark's random-key generation;
-  one hash lookup of a random key (u32 key, and the conntrack key in an LRU
+  one hash lookup of a random key (u32 key, and the conntrack key in a
   hash like dp_ct_v3); dp_xdp_ingress on an established flow, a new allowed
   flow and a denied flow, with the identity map as per-prefix-length hashes
   (the default) and as an LPM trie, each at every --sizes entry count.
@@ -69,7 +69,7 @@ SPORT = 40000                            # source port when it is not randomized
 DPORT_ALLOWED = 80                       # policy entries allow TCP to this port
 DPORT_DENIED = 81                        # no entry mentions this port: default deny
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-CT_SLACK = 4096                          # LRU headroom: per-CPU free lists must never force an eviction
+CT_SLACK = 4096                          # conntrack headroom: inserts must never find the table full
 TABLE_SLACK = 64                         # ipcache/policy headroom over N (local endpoint, CIDRs)
 
 CLOCK_MONOTONIC_COARSE = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)   # Linux clock id; Python does not name it
@@ -321,7 +321,7 @@ BARE_C = r"""
 #include "dp_abi.h"
 
 BPF_HASH(bench_u32, __be32, __u64, BENCH_CAP);
-BPF_TABLE("lru_hash", struct dp_ct_key, struct dp_ct_val, bench_ct, BENCH_CAP);
+BPF_HASH(bench_ct, struct dp_ct_key, struct dp_ct_val, BENCH_CAP);
 
 int bench_empty(struct xdp_md *ctx)
 {
@@ -409,7 +409,7 @@ def bare_rows(sizes: list[int], s: Settings, contents: dict[int, Contents], want
                         ("keygen", "bench_keygen", "empty + random key generation", None)]
         if "lookup" in want:
             figures += [("lookup_u32", "bench_lookup_u32", "1 hash lookup, random u32 key", n),
-                        ("lookup_ct", "bench_lookup_ct", "1 hash lookup, random conntrack key (LRU)", n)]
+                        ("lookup_ct", "bench_lookup_ct", "1 hash lookup, random conntrack key", n)]
         if not figures:
             continue
         module = None
@@ -544,8 +544,8 @@ def enforce_row(flow: str, identity: str, n: int, s: Settings, contents: Content
                              "stats": stats}}
 
         # New flows: a full-length warm-up, so that every timed trial finds the
-        # LRU's free list in the order a used table has (the first drain turns
-        # it from allocation order into bucket order) and inserts cost the same.
+        # preallocated free list in the order a used table has (the first drain
+        # turns it from allocation order into bucket order) and inserts cost the same.
         warmup = s.repeat if flow == "new" else None
         t = time.monotonic()
         row["trials"] = measure(dp.prog_fds["xdp_ingress"], frame, s, before, after, warmup=warmup)

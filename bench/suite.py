@@ -95,7 +95,7 @@ def perpacket(quick: bool, progress: Progress) -> tuple[list[dict], dict]:
     big, small = sizes[-1], sizes[0]
     for n in sizes:
         rows.append(ratio("perpacket", f"ratio_est_lookup_{n}",
-                          f"established / one bare LRU lookup (same key, same map size), N={_size_label(n)}",
+                          f"established / one bare hash lookup (same key, same map size), N={_size_label(n)}",
                           by.get(f"established_hash_{n}"), by.get(f"lookup_ct_{n}"), target=1.3,
                           target_text="<= 1.3x", higher_is_better=False))
     for flow in ("new", "denied"):
@@ -332,7 +332,7 @@ def plots(report: dict, out_dir: Path) -> list[Path]:
             vals = [pp.get(f"{flow}_{ident}_{n}", {}).get("median") or 0 for n in sizes]
             ax.bar([x + i * width for x in range(len(sizes))], vals, width, label=f"{flow} ({ident} identity)")
         vals = [pp.get(f"lookup_ct_{n}", {}).get("median") or 0 for n in sizes]
-        ax.bar([x + len(cases) * width for x in range(len(sizes))], vals, width, label="bare LRU lookup",
+        ax.bar([x + len(cases) * width for x in range(len(sizes))], vals, width, label="bare hash lookup",
                color="grey")
         ax.set_xticks([x + width * len(cases) / 2 for x in range(len(sizes))])
         ax.set_xticklabels([f"N={_size_label(n)}" for n in sizes])
