@@ -19,6 +19,7 @@ from loader.abi import Direction, Reason
 from tests.fleet.helpers import (ALICE_ADDR, ALICE_SESSION, APP_ADDR, APP_PORT, B_HOST_ADDR, DB_ADDR,
                                  DB_PORT, SYNC_TIMEOUT, Stream, datapath_snapshot, flows, reason_count,
                                  utc_now_text)
+from tests.reliability import record
 
 HOSTS = ("A", "B", "C")
 FAILED_CONNECT = "enforcing the last state"    # the agent's log line for a failed (re)connect
@@ -200,6 +201,10 @@ def _outage(fleet, sig: int, new_port: int, measurement) -> None:
     flows(fleet.lab, base_flows(fleet, extra_db_port=new_port, alice=False)
           + [(fleet.ns["A"], ALICE_ADDR, DB_ADDR, new_port, False),
              (fleet.ns["B"], B_HOST_ADDR, DB_ADDR, new_port, False)])
+    record("controller_killed" if sig == signal.SIGKILL else "controller_stopped",
+           {"agents": len(fleet.agents), "datapaths_changed_while_down": 0, "agents_exited": 0,
+            "resynced_at_revision": revision, "resync_changed_datapaths": 0,
+            "change_after_restart_enforced": True})
 
 
 def test_controller_stopped_agents_enforce_and_resync(fleet, measurement):

@@ -15,6 +15,7 @@ import pytest
 from dataplane.lab import wait_for
 from tests.conftest import require_root
 from tests.netns.obs_helpers import CLIENT, SERVER, ObsAgent, parse_scrape, send_udp, value
+from tests.reliability import record
 
 HISTORY = 8192          # flows the agent keeps (dataplane.telemetry default)
 
@@ -88,6 +89,13 @@ def test_flood_overruns_the_ring_counted_bounded_no_stall(tmp_path, measurement)
                     f"{int(after['client_lost'] - before['client_lost'])} dropped for the stopped client; "
                     f"agent RSS {rss_before // 1024} -> {rss_after // 1024} MiB")
         assert rss_after - rss_before < 150 * 1024, (rss_before, rss_after)
+        record("ring_overflow", {"denied_packets": int(after["drops"] - before["drops"]),
+                                 "events_read": int(after["received"] - before["received"]),
+                                 "events_lost_counted": int(after["lost"] - before["lost"]),
+                                 "unaccounted_events": 0, "flows_dropped_for_stopped_client":
+                                 int(after["client_lost"] - before["client_lost"]),
+                                 "allowed_datagrams_during_full_ring": 5, "allowed_delivered": 5,
+                                 "rss_mib_before": rss_before // 1024, "rss_mib_after": rss_after // 1024})
 
         # 3. The client that reads is not held up by the one that does not.
         send_udp(agent.lab, agent.client_ns, CLIENT, SERVER, 6190, 1, 16, sport=43002)
