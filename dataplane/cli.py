@@ -730,7 +730,7 @@ def cmd_agent(args) -> int:
             controllers=args.controller.split(","), host=host, tls=_tls(args, f"agent-{host}"),
             interfaces=args.interface, netns=args.netns, ingress=args.ingress, state_dir=args.state_dir,
             endpoints=load_endpoints(args.endpoints) if args.endpoints else [], addresses=args.address or [],
-            metrics=args.metrics, upload_flows=args.flow_upload))
+            metrics=args.metrics, upload_flows=args.flow_upload, allow_control_lockout=args.allow_control_lockout))
         agent.start()
         server = serve_status(args.instance, agent.status, hub=agent.telemetry.hub)
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -905,6 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the conventional port is 9590)")
     ag.add_argument("--no-flow-upload", dest="flow_upload", action="store_false",
                     help="fleet mode: do not send flows to the controller")
+    ag.add_argument("--allow-control-lockout", action="store_true",
+                    help="fleet mode: apply a state even if it drops this agent's own connection to its "
+                         "controllers (the host then needs fixing by hand)")
     ag.set_defaults(func=cmd_agent)
 
     def admin(p):

@@ -10,14 +10,22 @@ apply path, and reports the revision it applied. When the controller goes
 away it keeps enforcing what it has (fail-static) and reconnects with
 backoff, trying each controller in turn; the state it enforces is saved
 locally, so a restarted agent resumes without reapplying anything.
+
+Before applying a state it checks that the state would not cut the agent
+off from its controllers (see check_control_channel); such a state is
+refused and reported unless --allow-control-lockout is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import ipaddress
 import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from pathlib import Path
@@ -30,7 +38,9 @@ from dataplane.fleet import HostView, utcnow
 from dataplane.v1 import controller_pb2 as pb
 from dataplane.v1 import controller_pb2_grpc as pb_grpc
 from loader import tables
+from loader.abi import Direction, Verdict
 from loader.errors import DataplaneError
+from loader.model import Decision, Model
 
 log = logging.getLogger("dataplane.agent")
 
@@ -50,6 +60,7 @@ class FleetOptions:
     addresses: list = dataclasses.field(default_factory=list)
     metrics: str | None = None          # HOST:PORT of the Prometheus endpoint; None: off
     upload_flows: bool = True           # send the datapath's flows to the controller
+    allow_control_lockout: bool = False  # apply a state even if it drops this agent's own controller connection
 
 
 UPLOAD_BATCH = 256          # flows per FlowBatch at most
@@ -72,6 +83,165 @@ def load_endpoints(path: str) -> list:
     return [pb.Endpoint(name=e.name, addresses=[str(a) for a in e.addresses],
                         labels={k: ",".join(sorted(v)) if isinstance(v, frozenset) else v
                                 for k, v in e.labels.items()}) for e in inv.endpoints]
+
+
+# -- the control channel failsafe --
+#
+# The agent reaches its controller over TCP from an address of this host. If
+# that connection leaves through an interface the agent enforces on, the
+# state the agent applies judges it like any flow: an established connection
+# is judged again after every apply (the epoch changes), as its first packet
+# was, i.e. as a new egress flow from this host to the controller's port.
+# Every attachment holds the egress hook, so that egress decision is the one
+# that keeps or cuts the channel (replies ride on the conntrack entry it
+# leaves). A state that denies it would leave the agent unreachable and
+# unfixable from the controller: such a state is refused.
+
+class ControlLockout(DataplaneError):
+    """A state that would cut the agent off from a controller."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlFlow:
+    """The agent's connection to one address of a controller, as its datapath sees it."""
+
+    controller: str     # as given in --controller
+    local: str          # this host's address the connection leaves from
+    remote: str         # the controller's address
+    port: int
+
+    def text(self) -> str:
+        remote = f"[{self.remote}]" if ":" in self.remote else self.remote
+        return f"{self.local} -> {remote}:{self.port}/tcp"
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """'name:port', 'a.b.c.d:port' or '[v6]:port' -> (host, port)."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"controller address {target!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"controller address {target!r}: write an IPv6 address as [ADDR]:PORT")
+    return host, int(port)
+
+
+def resolve_all(host: str, port: int) -> list[str]:
+    """Every address a controller's name resolves to (an address: itself)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    out: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
+            out.append(sockaddr[0])
+    return out
+
+
+def local_address_to(remote: str, port: int) -> str:
+    """The source address this host uses towards remote, found without
+    sending anything (connect() on a UDP socket only picks a route)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(remote).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((remote, port))
+        return s.getsockname()[0].split("%", 1)[0]
+
+
+def enforced_route(interfaces: list, netns: str | None):
+    """A predicate: does this process's traffic to an address leave through
+    one of the interfaces the agent enforces on? None when it never can: the
+    interfaces live in another network namespace than the agent (--netns),
+    or there are none."""
+    if not interfaces or (netns and not _same_netns(netns)):
+        return None
+    indexes = set()
+    for name in interfaces:
+        try:
+            indexes.add(socket.if_nametoindex(name))
+        except OSError:
+            pass
+
+    def crosses(remote: str) -> bool:
+        from pyroute2 import IPRoute
+
+        try:
+            with IPRoute() as ipr:
+                routes = ipr.route("get", dst=remote)
+            return any(r.get_attr("RTA_OIF") in indexes for r in routes)
+        except Exception as e:   # no route, or netlink trouble: judge it rather than assume it is safe
+            log.debug("route to %s not found (%s): checking the controller connection anyway", remote, e)
+            return True
+
+    return crosses
+
+
+def _same_netns(netns: str) -> bool:
+    try:
+        theirs, ours = os.stat(f"/run/netns/{netns}"), os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def control_flows(controllers: list, crosses, resolve=resolve_all, local_of=local_address_to) -> tuple[list, list]:
+    """(ControlFlow for every address of every controller whose route
+    crosses an enforced interface, problems: names that did not resolve)."""
+    flows, problems = [], []
+    if crosses is None:
+        return flows, problems
+    for target in controllers:
+        try:
+            host, port = split_target(target)
+            addresses = resolve(host, port)
+        except (ValueError, OSError) as e:
+            problems.append(f"{target}: {e}")
+            continue
+        for remote in addresses:
+            if not crosses(remote):
+                continue
+            try:
+                local = local_of(remote, port)
+            except OSError as e:      # no route at all: there is no connection to keep
+                problems.append(f"{target} ({remote}): {e}")
+                continue
+            flows.append(ControlFlow(target, local, remote, port))
+    return flows, problems
+
+
+def view_model(view: HostView, now: dt.datetime | None = None) -> Model:
+    """The datapath's decisions under view; ipcache entries already expired
+    do not count (the datapath ignores them too)."""
+    now = now or utcnow()
+    live = {}
+    for prefix, (ident, expires) in view.ipcache.items():
+        if expires and dt.datetime.fromisoformat(expires) <= now:
+            continue
+        live[prefix] = ident
+    return Model.from_entries(live, view.entries, view.audit_default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lockout:
+    flow: ControlFlow
+    decision: Decision
+    rule: str           # the rule's name, or "" for the default deny
+
+    def text(self) -> str:
+        by = f"rule {self.rule}" if self.rule else "the default deny (no rule allows it)"
+        return (f"it would cut this agent off from controller {self.flow.controller}: {self.flow.text()} "
+                f"denied at egress by {by}")
+
+
+def check_control_channel(view: HostView, flows: list, now: dt.datetime | None = None) -> Lockout | None:
+    """The first control flow view would drop, or None. Audit passes."""
+    if not flows:
+        return None
+    model = view_model(view, now)
+    for f in flows:
+        d = model.judge(f.local, f.remote, socket.IPPROTO_TCP, f.port, Direction.EGRESS)
+        if d.verdict == Verdict.DENY:
+            rule = view.rule_names.get(d.rule_id, str(d.rule_id)) if d.rule_id else ""
+            return Lockout(f, d, rule)
+    return None
 
 
 def channel_to(address: str, tls: certs.Credentials | None) -> grpc.Channel:
@@ -175,6 +345,7 @@ class FleetAgent:
         t0 = time.monotonic()
         try:
             if self.dp is not None:
+                self._check_control_channel(view)
                 ipcache = view.loader_ipcache()
                 layout = tables.layout_policy(view.entries)
                 problems = tables.check_capacity(self.dp, ipcache, view.entries, layout=layout)
@@ -202,6 +373,21 @@ class FleetAgent:
         if self.on_applied:
             self.on_applied(view, ms)
         return "", ms
+
+    def _check_control_channel(self, view: HostView) -> None:
+        """Raises ControlLockout if view would cut this agent off from a
+        controller (unless --allow-control-lockout: then it only warns)."""
+        crosses = enforced_route(self.opts.interfaces, self.opts.netns)
+        flows, problems = control_flows(self.opts.controllers, crosses)
+        for p in problems:
+            log.warning("control channel not checked for %s", p)
+        lockout = check_control_channel(view, flows)
+        if lockout is None:
+            return
+        if self.opts.allow_control_lockout:
+            log.warning("revision %d: %s; applied anyway (--allow-control-lockout)", view.revision, lockout.text())
+            return
+        raise ControlLockout(f"refused: {lockout.text()}; --allow-control-lockout would apply it")
 
     # -- the stream --
 
@@ -231,6 +417,9 @@ class FleetAgent:
                 uploading.set()
                 threading.Thread(target=self._upload_flows, args=(outq, uploading), name="flow-upload",
                                  daemon=True).start()
+            # The controller sends each delta from the last state it sent,
+            # whether or not it was applied: a refused state is still the base.
+            received = None
             try:
                 for msg in call:
                     self.connected_to = address
@@ -241,6 +430,7 @@ class FleetAgent:
                         log.info("in sync with %s at revision %d", address, msg.in_sync.revision)
                         self._set_view(dataclasses.replace(self.view, revision=msg.in_sync.revision))
                         self._save_view(self.view)
+                        received = self.view
                         outq.put(pb.AgentMessage(applied=pb.Applied(revision=msg.in_sync.revision,
                                                                     digest=self.view.digest())))
                         continue
@@ -249,13 +439,14 @@ class FleetAgent:
                         expected = msg.snapshot.digest
                     else:
                         d = msg.delta
-                        if self.view is None or d.from_revision != self.view.revision:
+                        if received is None or d.from_revision != received.revision:
                             raise DataplaneError(f"delta from revision {d.from_revision} does not fit revision "
-                                                 f"{self.view.revision if self.view else 0}: resynchronising")
-                        new = self.view.apply_delta(d)
+                                                 f"{received.revision if received else 0}: resynchronising")
+                        new = received.apply_delta(d)
                         expected = d.digest
                     if new.digest() != expected:
                         raise DataplaneError("state digest mismatch after a delta: resynchronising")
+                    received = new
                     if self.view is not None and new.digest() == self.view.digest():
                         # A change elsewhere: same maps, nothing to switch or re-judge.
                         self._set_view(new)
