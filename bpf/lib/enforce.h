@@ -47,13 +47,17 @@ static __always_inline void dp_judge(const struct dp_tuple *t, __u8 dir, struct 
 	res->judged = 1;
 }
 
+/* The datagram a fragment belongs to: the packet's own addresses, also for
+ * an ICMP error, whose p->t holds the quoted flow. */
 static __always_inline void dp_frag_key_of(const struct dp_pkt *p, struct dp_frag_key *fk)
 {
-	__builtin_memcpy(fk->saddr, p->t.saddr, 16);
-	__builtin_memcpy(fk->daddr, p->t.daddr, 16);
+	const struct dp_tuple *t = p->icmp_error ? &p->outer : &p->t;
+
+	__builtin_memcpy(fk->saddr, t->saddr, 16);
+	__builtin_memcpy(fk->daddr, t->daddr, 16);
 	fk->id = p->frag_id;
-	fk->proto = p->t.family == DP_FAMILY_IPV4 ? p->t.proto : 0;
-	fk->family = p->t.family;
+	fk->proto = t->family == DP_FAMILY_IPV4 ? t->proto : 0;
+	fk->family = t->family;
 }
 
 /* A later fragment has no ports: it gets its first fragment's verdict. */
@@ -201,8 +205,10 @@ static __always_inline void dp_enforce_ip(struct dp_scratch *s, __u8 dir, const 
 	int allowed = res->reason < DP_REASON_FIRST_DROP;
 
 	if (kind == DP_JUDGE_RELATED) {
+		/* Not admitted: an error is no flow of its own. Its later
+		 * fragments still follow this verdict (below). */
 		res->reason = allowed ? DP_PASS_RELATED : DP_DROP_ICMP_UNRELATED;
-		return;
+		goto out;
 	}
 	if (kind == DP_JUDGE_STALE) {
 		if (!allowed) {

@@ -79,6 +79,7 @@ struct dp_tuple {
  * error quotes and icmp_error is set. */
 struct dp_pkt {
 	struct dp_tuple t;
+	struct dp_tuple outer;	/* ICMP error: the error's own tuple (its fragment key) */
 	__u32 frag_id;
 	__u32 len;		/* bytes on the wire, for counters */
 	__u8 tcp_flags;
@@ -229,7 +230,10 @@ static __always_inline int dp_parse_quoted_l4(struct dp_cursor *c, struct dp_pkt
 		struct dp_icmp_hdr *ih = c->pos;
 		if ((void *)(ih + 1) > c->end)
 			return DP_DROP_ICMP_TRUNCATED;
-		if (dp_is_icmp_echo(p->t.family, ih->type)) {
+		/* Only the family's own ICMP has echo ids; ICMP inside the
+		 * other IP version is just another protocol, as in dp_parse_l4. */
+		if ((p->t.proto == IPPROTO_ICMP) == (p->t.family == DP_FAMILY_IPV4) &&
+		    dp_is_icmp_echo(p->t.family, ih->type)) {
 			p->t.sport = ih->id;
 			p->t.dport = ih->id;
 		}
@@ -242,6 +246,7 @@ static __always_inline int dp_parse_quoted_l4(struct dp_cursor *c, struct dp_pkt
  * error's own tuple. */
 static __always_inline int dp_parse_icmp_quote(struct dp_cursor *c, struct dp_pkt *p)
 {
+	p->outer = p->t;
 	p->icmp_error = 1;
 	p->t.sport = 0;
 	p->t.dport = 0;

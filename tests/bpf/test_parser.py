@@ -16,7 +16,7 @@ import pytest
 
 from loader import abi, tables, testrun
 from loader.errors import DataplaneError
-from tests.bpf.packets import (AH, DSTOPTS, ECHO_REQUEST, ETH_P_8021AD, ETH_P_8021Q,
+from tests.bpf.packets import (AH, DEST_UNREACH, DSTOPTS, ECHO_REQUEST, ETH_P_8021AD, ETH_P_8021Q,
                                ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETHERTYPE, FRAGMENT, GRE_P, HOOKS, HOPOPTS,
                                ICMP_OF, ICMP_P, ICMPV6_P, LOCAL, LOCAL_ID, QINQ, REMOTE, REMOTE_ID, ROUTING,
                                TCP_P, UDP_P, allow_both_ways, arp_frame, counts_delta, echo, echo_frame,
@@ -528,3 +528,38 @@ def test_frames_shorter_than_ethernet_never_reach_the_programs(pdp):
         with pytest.raises(DataplaneError):
             testrun.test_run(pdp.prog_fds[hook], eth(0x88CC)[:13])
         expect(pdp, hook, eth(0x88CC), R.PASS_NON_IP)
+
+
+# --- found by the packet fuzzer (tests/bpf/test_packet_fuzz.py) --------------------------
+
+@pytest.mark.parametrize("family", (4, 6))
+def test_icmp_error_quoting_the_other_versions_icmp_has_no_ports(pdp, family):
+    """ICMP of the other IP version inside a quote is just another protocol,
+    as it is on its own: its "echo id" is no port. It once was, and an error
+    quoting such a packet passed as related to the echo rule."""
+    other = ICMPV6_P if family == 4 else ICMP_P
+    quoted = ip(family, LOCAL[family], REMOTE[family], other, echo(family, ECHO_ID_OK))
+    expect(pdp, "xdp_ingress", error_quoting(family, quoted), R.DROP_ICMP_UNRELATED)
+    own = ip(family, LOCAL[family], REMOTE[family], ICMP_OF[family], echo(family, ECHO_ID_OK))
+    expect(pdp, "xdp_ingress", error_quoting(family, own), R.PASS_RELATED)
+    # Cut short, it is still a truncated quote, as a truncated ICMP header is at the top level.
+    expect(pdp, "xdp_ingress", error_quoting(family, quoted[:len(quoted) - len(echo(family, 0)) + 4]),
+           R.DROP_ICMP_TRUNCATED)
+
+
+@pytest.mark.parametrize("family", (4, 6))
+@pytest.mark.parametrize("allowed", (True, False), ids=("related", "unrelated"))
+def test_fragmented_icmp_error_later_fragments_follow_it(pdp, family, allowed):
+    """The later fragments of an ICMP error belong to the error datagram
+    (its own addresses and id), not to the flow it quotes; they get the
+    error's verdict, also when the error matched no conntrack entry."""
+    body = icmp(family, DEST_UNREACH[family], body=quoted_tcp(family, PORT_OK if allowed else PORT_DENIED))
+    if family == 4:
+        first = frame(4, REMOTE[4], LOCAL[4], ICMP_P, body, flags="MF", id=IDENT)
+    else:
+        first = frame(6, REMOTE[6], LOCAL[6], ICMPV6_P, body, exts=[FRAGMENT], frag_offset=0, more=True,
+                      ident=IDENT)
+    later = later_fragment(family, proto=ICMP_OF[family])
+    expect(pdp, "xdp_ingress", first, R.PASS_RELATED if allowed else R.DROP_ICMP_UNRELATED)
+    expect(pdp, "xdp_ingress", later, R.PASS_FRAGMENT if allowed else R.DROP_FRAG_DENIED)
+    assert list(pdp.ct.items()) == []
