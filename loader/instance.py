@@ -148,6 +148,25 @@ def source_hash(bpf_dir: Path, options: bpfcompile.BuildOptions) -> str:
 
 # --- the instance ----------------------------------------------------------------
 
+def _remove_stale_socket(path: str) -> None:
+    """Removes a unix socket nothing listens on any more (an agent killed
+    with SIGKILL leaves its socket behind); a live one is left alone."""
+    import socket
+
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return                      # an agent answers: not ours to remove
+        except ConnectionRefusedError:
+            pass
+        except OSError as e:
+            log.warning("left %s in place: %s", path, e)
+            return
+    os.unlink(path)
+
+
 class Datapath:
     def __init__(self, instance: str = "default", pin_root: str = PIN_ROOT, state_root: str = STATE_ROOT):
         if not instance or "/" in instance or instance.startswith("."):
@@ -473,6 +492,7 @@ class Datapath:
             os.rmdir(self.pin_dir)
         if os.path.exists(self.state_path):
             os.unlink(self.state_path)
+        _remove_stale_socket(os.path.join(self.state_dir, "agent.sock"))
         if os.path.isdir(self.state_dir) and not os.listdir(self.state_dir):
             os.rmdir(self.state_dir)
 
