@@ -31,6 +31,18 @@ from loader.tables import PolicyEntry
 ANY, HOST, WORLD = ReservedIdentity.ANY, ReservedIdentity.HOST, ReservedIdentity.WORLD
 RESERVED_LABELS = {ANY: "reserved:any", HOST: "reserved:host", WORLD: "reserved:world"}
 _WORLD_KEY = "reserved:world"
+EXPIRES_MAX = 2 ** 32 - 1         # the datapath's expires_s is a u32 of CLOCK_MONOTONIC seconds
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    """t in UTC. A time the calendar cannot hold there (9999-12-31 at a negative
+    offset; the parsers refuse it, records of other origins may carry it)
+    becomes the calendar's first or last instant: a little earlier, never later."""
+    try:
+        return t.astimezone(dt.timezone.utc)
+    except OverflowError:
+        end = dt.datetime.max if t.year == dt.MAXYEAR else dt.datetime.min
+        return end.replace(tzinfo=dt.timezone.utc)
 
 
 @dataclasses.dataclass
@@ -72,7 +84,7 @@ class CompiledState:
                         f"{Verdict(e.action).name.lower()} {names.get(e.rule_id, e.rule_id)}"
                         for e in self.entries],
             "next_change": self.next_change.isoformat() if self.next_change else None,
-            **({"expires": {str(net): t.astimezone(dt.timezone.utc).isoformat()
+            **({"expires": {str(net): _utc(t).isoformat()
                             for net, t in sorted(self.expiries.items(), key=lambda kv: _netkey(kv[0]))}}
                if self.expiries else {}),
         }
@@ -80,7 +92,9 @@ class CompiledState:
     def ipcache(self, wall_now: dt.datetime | None = None, mono_now: int | None = None) -> dict:
         """The ipcache content for loader.tables: network -> identity, or ->
         (identity, expires_s) where a session ends, its end converted to the
-        CLOCK_MONOTONIC seconds the datapath compares with."""
+        CLOCK_MONOTONIC seconds the datapath compares with. An end later than
+        the u32 field holds (about 136 years after boot) is clamped to its
+        largest value: earlier than written, never wrapped round to sooner."""
         import math
 
         from loader.tables import monotonic_seconds
@@ -89,7 +103,7 @@ class CompiledState:
         mono_now = monotonic_seconds() if mono_now is None else mono_now
         out = dict(self.identities)
         for net, t in self.expiries.items():
-            out[net] = (out[net], max(1, mono_now + math.ceil((t - wall_now).total_seconds())))
+            out[net] = (out[net], min(EXPIRES_MAX, max(1, mono_now + math.ceil((t - wall_now).total_seconds()))))
         return out
 
     def to_json_text(self) -> str:
@@ -145,7 +159,7 @@ class Compiler:
         self._base_identities = {net: self._numbers[key] for key, ident in self._universe.items()
                                  for net in ident.prefixes}
         self._base_text = {str(net): n for net, n in self._base_identities.items()}
-        self._expiry_text = {str(net): t.astimezone(dt.timezone.utc).isoformat() for net, t in self._expiries.items()}
+        self._expiry_text = {str(net): _utc(t).isoformat() for net, t in self._expiries.items()}
         self._base_rendered: dict | None = None
         self._resolved: dict[int, set] = {}     # id(peer) -> its identities in the shared numbering
 
@@ -355,4 +369,4 @@ class Compiler:
             times += [t for t in (r.not_before, r.not_after) if t is not None and t > self.now]
         times += [s.expires for s in self.inventory.sessions if s.expires is not None and s.expires > self.now]
         first = min(times, default=None)
-        return first.astimezone(dt.timezone.utc) if first else None
+        return _utc(first) if first else None

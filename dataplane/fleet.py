@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import json
 
-from dataplane.compiler import CompiledState, Compiler
+from dataplane.compiler import EXPIRES_MAX, CompiledState, Compiler
 from dataplane.identity import Allocator
 from dataplane.inventory import Endpoint, Host, Inventory, Session, parse_inventory
 from dataplane.policy import Policy, parse_policy
@@ -255,7 +255,7 @@ class HostView:
         for p, (ident, expires) in self.ipcache.items():
             if expires:
                 left = (dt.datetime.fromisoformat(expires) - wall_now).total_seconds()
-                out[ipaddress.ip_network(p)] = (ident, max(1, mono_now + math.ceil(left)))
+                out[ipaddress.ip_network(p)] = (ident, min(EXPIRES_MAX, max(1, mono_now + math.ceil(left))))
             else:
                 out[ipaddress.ip_network(p)] = ident
         return out

@@ -166,15 +166,25 @@ def parse_time(p: Problems, value, path: tuple, what: str) -> dt.datetime | None
     if t.tzinfo is None:
         p.add(path, f"{what}: {value!r} has no time zone (add Z or an offset)")
         return None
+    try:
+        t.astimezone(dt.timezone.utc)
+    except OverflowError:
+        p.add(path, f"{what}: {value!r} is outside the calendar in UTC (years 1-9999)")
+        return None
     return t
 
 
 def parse_address(p: Problems, value, path: tuple, what: str):
     if isinstance(value, str):
         try:
-            return ipaddress.ip_address(value)
+            a = ipaddress.ip_address(value)
         except ValueError:
             pass
+        else:
+            if getattr(a, "scope_id", None) is None:
+                return a
+            p.add(path, f"{what}: {value!r} has a zone id (%{a.scope_id}); the datapath keys addresses without one")
+            return None
     p.add(path, f"{what}: {value!r} is not an IPv4 or IPv6 address")
     return None
 
@@ -184,10 +194,14 @@ def parse_cidr(p: Problems, value, path: tuple, what: str):
         p.add(path, f"{what} must be a CIDR string such as 10.0.0.0/8, not {_typename(value)}")
         return None
     try:
-        return ipaddress.ip_network(value, strict=True)
+        net = ipaddress.ip_network(value, strict=True)
     except ValueError as e:
         p.add(path, f"{what}: bad CIDR {value!r} ({e})")
         return None
+    if getattr(net.network_address, "scope_id", None) is not None:
+        p.add(path, f"{what}: bad CIDR {value!r} (a zone id has no place in a prefix)")
+        return None
+    return net
 
 
 def _typename(v) -> str:
@@ -305,13 +319,22 @@ def _protocol(p: Problems, value, path: tuple) -> int | None:
     return None
 
 
+def _ascii_number(text: str) -> int | None:
+    """ASCII digits only: str.isdigit() and int() also take '²', '٨٠', ' 8' and '8_0'.
+    A number of more than nine digits is out of every range here: 10**9 stands for it."""
+    if not text.isascii() or not text.isdigit():
+        return None
+    text = text.lstrip("0") or "0"
+    return int(text) if len(text) <= 9 else 10 ** 9
+
+
 def parse_port_text(text: str) -> PortRange | str:
     """'tcp/443', 'udp/1000-2000', 'icmp', 'any' -> PortRange, or an error message."""
     proto_text, _, ports = text.strip().partition("/")
     proto = PROTOCOLS.get(proto_text.lower())
     if proto is None:
-        if proto_text.isdigit() and int(proto_text) <= 255:
-            proto = int(proto_text)
+        if (n := _ascii_number(proto_text)) is not None and n <= 255:
+            proto = n
         else:
             return f"{text!r}: unknown protocol {proto_text!r} (want tcp/443, udp/1000-2000, icmp, any)"
     if not ports:
@@ -319,10 +342,9 @@ def parse_port_text(text: str) -> PortRange | str:
     if proto == 0:
         return f"{text!r}: a port needs a protocol"
     lo_text, dash, hi_text = ports.partition("-")
-    try:
-        lo = int(lo_text)
-        hi = int(hi_text) if dash else lo
-    except ValueError:
+    lo = _ascii_number(lo_text)
+    hi = _ascii_number(hi_text) if dash else lo
+    if lo is None or hi is None:
         return f"{text!r}: ports must be numbers, as in tcp/443 or udp/1000-2000"
     if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
         return f"{text!r}: port out of range (1-65535)"
@@ -431,12 +453,14 @@ def _endpoint_ref(p: Problems, value, path: tuple) -> str | None:
     """A test's end: an address, or {workload|user|host|address: name}."""
     if isinstance(value, str):
         try:
-            ipaddress.ip_address(value)
-            return value
+            scoped = getattr(ipaddress.ip_address(value), "scope_id", None) is not None
         except ValueError:
-            p.add(path, f"{value!r} is not an address; name endpoints as {{workload: NAME}}, {{user: NAME}}"
-                        f" or {{host: NAME}}")
-            return None
+            scoped = True
+        if not scoped:
+            return value
+        p.add(path, f"{value!r} is not an address; name endpoints as {{workload: NAME}}, {{user: NAME}}"
+                    f" or {{host: NAME}}")
+        return None
     if isinstance(value, dict) and len(value) == 1:
         kind, name = next(iter(value.items()))
         if kind in ("workload", "user", "host", "address") and isinstance(name, str) and name:

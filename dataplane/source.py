@@ -38,33 +38,98 @@ class Where:
         return f"{self.file}:{self.line(path)}"
 
 
-def _construct(node, path: tuple, lines: dict, where_file: str):
-    lines[path] = node.start_mark.line + 1
+# Bounds on what a document may unfold into. A policy or an inventory nests a
+# handful of levels; aliases may share a few parts. Past these the input is
+# refused with its line, instead of exhausting the stack or the memory.
+MAX_DEPTH = 64                  # nesting levels, aliases unfolded
+MAX_ALIAS_NODES = 100_000       # nodes built again because an alias names them
+MAX_INT_DIGITS = 100            # longer integers are refused, not printed (Python limits int <-> str)
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, refusing nesting deeper than MAX_DEPTH while it
+    composes (PyYAML's composer recurses once per level)."""
+
+    def __init__(self, stream, name: str):
+        super().__init__(stream)
+        self._name = name
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise SourceError([f"{self._name}:{line}: nested more than {MAX_DEPTH} levels deep"])
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+@dataclasses.dataclass
+class _Build:
+    """What one document's construction has seen: every node, the nodes on
+    the current path (an alias to one of them is a cycle) and how many nodes
+    aliases made it build again."""
+
+    name: str
+    lines: dict
+    seen: set = dataclasses.field(default_factory=set)
+    open: set = dataclasses.field(default_factory=set)
+    copies: int = 0
+
+
+def _construct(node, path: tuple, b: _Build, at: int = 0):
+    """at: the line of the key holding this value, named where an alias is
+    used (an aliased node's own line is its anchor's)."""
+    line = node.start_mark.line + 1
+    if id(node) in b.seen:
+        line = at or line
+        if id(node) in b.open:
+            raise SourceError([f"{b.name}:{line}: an alias refers to a node that contains it"])
+        b.copies += 1
+        if b.copies > MAX_ALIAS_NODES:
+            raise SourceError([f"{b.name}:{line}: aliases unfold to more than {MAX_ALIAS_NODES} nodes"])
+    if len(path) > MAX_DEPTH:
+        raise SourceError([f"{b.name}:{line}: nested more than {MAX_DEPTH} levels deep (aliases unfolded)"])
+    b.seen.add(id(node))
+    b.lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        b.open.add(id(node))
         out = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise SourceError([f"{where_file}:{key_node.start_mark.line + 1}: keys must be plain names"])
+                raise SourceError([f"{b.name}:{key_node.start_mark.line + 1}: keys must be plain names"])
             key = key_node.value
             if key in out:
-                raise SourceError([f"{where_file}:{key_node.start_mark.line + 1}: duplicate key {key!r}"])
-            out[key] = _construct(value_node, path + (key,), lines, where_file)
+                raise SourceError([f"{b.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}"])
+            out[key] = _construct(value_node, path + (key,), b, key_node.start_mark.line + 1)
+        b.open.discard(id(node))
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, path + (i,), lines, where_file) for i, v in enumerate(node.value)]
-    return _scalar(node)
+        b.open.add(id(node))
+        out = [_construct(v, path + (i,), b, at) for i, v in enumerate(node.value)]
+        b.open.discard(id(node))
+        return out
+    return _scalar(node, b.name)
 
 
-def _scalar(node: yaml.ScalarNode):
+def _scalar(node: yaml.ScalarNode, name: str = "<input>"):
     """The scalar's value, typed as YAML resolves it, with two YAML 1.1
     surprises turned off: base-60 numbers ("22:10" stays a string) and
-    timestamps (fields that want a time parse it themselves)."""
+    timestamps (fields that want a time parse it themselves). Integers of
+    more than MAX_INT_DIGITS digits are refused: no field wants one, and
+    Python cannot print one of more than 4300."""
     tag, value = node.tag, node.value
     if tag == "tag:yaml.org,2002:null":
         return None
     if tag == "tag:yaml.org,2002:bool":
         return value.lower() in ("true", "yes", "on", "y")
     if tag == "tag:yaml.org,2002:int" and ":" not in value:
+        digits = value.replace("_", "").lstrip("+-")
+        if len(digits) > MAX_INT_DIGITS:
+            raise SourceError([f"{name}:{node.start_mark.line + 1}: a number of {len(digits)} characters is "
+                               f"too long (at most {MAX_INT_DIGITS}); quote it if it is a name"])
         try:
             return int(value.replace("_", ""), 10)
         except ValueError:
@@ -102,7 +167,7 @@ def loads(text: str, name: str) -> tuple[object, Where]:
         # tab), but YAML refuses them as indentation. Same lines either way.
         text = text.replace("\t", " ")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=lambda stream: _Loader(stream, name))
     except yaml.reader.ReaderError as e:
         line = text[:e.position].count("\n") + 1
         raise SourceError([f"{name}:{line}: not valid YAML or JSON: unacceptable character "
@@ -116,5 +181,5 @@ def loads(text: str, name: str) -> tuple[object, Where]:
     if node is None:
         raise SourceError([f"{name}:1: the file is empty"])
     lines: dict = {}
-    data = _construct(node, (), lines, name)
+    data = _construct(node, (), _Build(name, lines))
     return data, Where(name, lines)
