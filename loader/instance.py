@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -343,8 +344,19 @@ class Datapath:
         self._write_state(state)
         if was_loaded:
             self._reattach_all(state)
+            self._unpin_other_layouts()
             return "reloaded"
         return "loaded"
+
+    def _unpin_other_layouts(self) -> None:
+        """After a reload across a layout version, the maps of the old layout
+        serve no program any more: their pins go."""
+        ours = f"_v{abi.ABI_VERSION}"
+        for name in os.listdir(self.pin_dir):
+            m = re.fullmatch(r"dp_\w+_v(\d+)", name)
+            if m and not name.endswith(ours):
+                log.info("removing %s: a map of layout v%s, which no loaded program uses", name, m.group(1))
+                os.unlink(self._pin(name))
 
     def _pin_replace(self, fd: int, name: str) -> None:
         path = self._pin(name)

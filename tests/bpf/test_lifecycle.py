@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from loader import tables
+from loader import abi, libbpf, tables
 from loader.compile import BuildOptions
 from loader.errors import PinError
 from loader.instance import HOOKS, Datapath
@@ -37,7 +37,13 @@ def test_adopt_and_reload_keep_maps_and_options(small_instance):
     assert {h: again.program_info(h)["id"] for h in HOOKS} == ids
     assert again.ct.max_entries == 1024
 
+    # A map pin of another layout version (as a reload across versions leaves
+    # behind) serves no program after the reload: it is removed.
+    old_layout = os.path.join(dp.pin_dir, f"dp_ct_v{abi.ABI_VERSION - 1}")
+    libbpf.obj_pin(again.ct.fd, old_layout)
     assert again.load(reload=True) == "reloaded"
+    assert not os.path.exists(old_layout)
+    assert os.path.exists(os.path.join(dp.pin_dir, f"dp_ct_v{abi.ABI_VERSION}"))
     new_ids = {h: again.program_info(h)["id"] for h in HOOKS}
     assert all(new_ids[h] != ids[h] for h in HOOKS)
     assert tables.read_identities(again) == {ipaddress.ip_network("10.9.9.0/24"): 777}
