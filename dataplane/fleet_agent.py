@@ -13,7 +13,9 @@ locally, so a restarted agent resumes without reapplying anything.
 
 Before applying a state it checks that the state would not cut the agent
 off from its controllers (see check_control_channel); such a state is
-refused and reported unless --allow-control-lockout is given.
+refused and reported unless --allow-control-lockout is given. A datapath
+that holds no state yet gets a bootstrap state that lets the agent reach
+its controllers (see bootstrap_view) until the first state arrives.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from dataplane.fleet import HostView, utcnow
 from dataplane.v1 import controller_pb2 as pb
 from dataplane.v1 import controller_pb2_grpc as pb_grpc
 from loader import tables
-from loader.abi import Direction, Verdict
+from loader.abi import Direction, ReservedIdentity, Verdict
 from loader.errors import DataplaneError
 from loader.model import Decision, Model
+from loader.tables import PolicyEntry
 
 log = logging.getLogger("dataplane.agent")
 
@@ -244,6 +247,49 @@ def check_control_channel(view: HostView, flows: list, now: dt.datetime | None =
     return None
 
 
+# -- the bootstrap state --
+#
+# A freshly loaded datapath denies everything, so an agent whose controller
+# connection crosses an enforced interface could never make its first
+# connection. Before it, an agent whose datapath has never been given a
+# state applies the smallest state that lets that connection through: this
+# host's source address(es) towards its controllers are the host, each
+# controller address is the reserved controller identity, and the host may
+# open TCP connections to that identity on the controller's port (replies
+# ride on the conntrack entry). Everything else stays denied. The
+# controller's first state replaces it like any other. A datapath that
+# holds a state, whoever applied it, is left alone (fail-static).
+
+BOOTSTRAP_RULE = "bootstrap-control-channel"
+
+
+def _host_prefix(address: str) -> str:
+    return str(ipaddress.ip_network(address))
+
+
+def bootstrap_view(host: str, flows: list, rule_id: int) -> HostView:
+    """The state that allows exactly the control flows (see above). A local
+    address that is also a controller's (a controller on this host) stays
+    the host."""
+    ipcache = {_host_prefix(f.local): (int(ReservedIdentity.HOST), "") for f in flows}
+    for f in flows:
+        ipcache.setdefault(_host_prefix(f.remote), (int(ReservedIdentity.CONTROLLER), ""))
+    entries = frozenset(PolicyEntry(int(ReservedIdentity.HOST), ipcache[_host_prefix(f.remote)][0],
+                                    int(Direction.EGRESS), socket.IPPROTO_TCP, f.port, f.port, int(Verdict.ALLOW),
+                                    rule_id) for f in flows)
+    return HostView(0, host, ipcache, entries, False, {rule_id: BOOTSTRAP_RULE} if flows else {},
+                    {int(ReservedIdentity.CONTROLLER): "reserved=controller"}, [])
+
+
+def datapath_blank(dp) -> bool:
+    """True when no state was ever written into the maps: no identity and no
+    policy entry in either generation, and the default is deny (a datapath
+    put in audit mode by hand was given a state too)."""
+    if tables.live_audit_default(dp):
+        return False
+    return not any(tables.read_ipcache(dp, gen) or tables.read_policy(dp, gen)[0] for gen in (0, 1))
+
+
 def channel_to(address: str, tls: certs.Credentials | None) -> grpc.Channel:
     options = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 3000),
                ("grpc.keepalive_permit_without_calls", 1)]
@@ -326,6 +372,10 @@ class FleetAgent:
 
         outcome = self.dp.load()
         log.info("datapath %s (%s)", self.dp.instance, outcome)
+        try:
+            self.bootstrap()
+        except DataplaneError as e:
+            log.error("bootstrap state not applied: %s", e)
         for ifname in self.opts.interfaces:
             rec = self.dp.attach(ifname, self.opts.netns, ingress=self.opts.ingress)
             log.info("attached to %s%s (%s)", ifname, f" in {self.opts.netns}" if self.opts.netns else "",
@@ -346,13 +396,7 @@ class FleetAgent:
         try:
             if self.dp is not None:
                 self._check_control_channel(view)
-                ipcache = view.loader_ipcache()
-                layout = tables.layout_policy(view.entries)
-                problems = tables.check_capacity(self.dp, ipcache, view.entries, layout=layout)
-                if problems:
-                    raise CapacityError("does not fit: " + "; ".join(problems))
-                result = tables.apply_state(self.dp, ipcache, view.entries, audit_default=view.audit_default,
-                                            layout=layout)
+                result = self._write_state(view)
                 self.ws.write_applied({
                     "host": view.host, "applied_at": utcnow().isoformat(), "mode": "audit" if view.audit_default
                     else "enforce", "sources": {"controller": self.connected_to}, "revision": view.revision,
@@ -374,13 +418,48 @@ class FleetAgent:
             self.on_applied(view, ms)
         return "", ms
 
+    def _write_state(self, view: HostView) -> tables.ApplyResult:
+        """One atomic switch of the maps to view (nothing written if it does not fit)."""
+        ipcache = view.loader_ipcache()
+        layout = tables.layout_policy(view.entries)
+        problems = tables.check_capacity(self.dp, ipcache, view.entries, layout=layout)
+        if problems:
+            raise CapacityError("does not fit: " + "; ".join(problems))
+        return tables.apply_state(self.dp, ipcache, view.entries, audit_default=view.audit_default, layout=layout)
+
+    def _control_flows(self, what: str) -> list:
+        flows, problems = control_flows(self.opts.controllers, enforced_route(self.opts.interfaces, self.opts.netns))
+        for p in problems:
+            log.warning("control channel %s for %s", what, p)
+        return flows
+
+    def bootstrap(self, flows: list | None = None) -> HostView | None:
+        """Applies bootstrap_view when the controller connection crosses an
+        enforced interface and nothing ever gave the datapath a state (no
+        state recorded by this agent's workspace, blank maps); returns the
+        state applied, or None. flows: the control flows (default: found by
+        routing, as the failsafe finds them)."""
+        flows = self._control_flows("not bootstrapped") if flows is None else flows
+        if not flows:
+            return None
+        try:
+            recorded = self.view is not None or self.ws.read_applied() is not None
+        except DataplaneError:       # a corrupt record still says something was applied
+            recorded = True
+        if recorded or not datapath_blank(self.dp):
+            log.debug("the datapath holds a state: no bootstrap state, the state in force stays")
+            return None
+        view = bootstrap_view(self.opts.host, flows, rule_id=self.dp.rules.max_entries - 1)
+        self._write_state(view)
+        self._names = self._names_of(view)
+        log.info("no state in the datapath yet: bootstrap state applied, allowing only %s until the "
+                 "controller's first state", ", ".join(f.text() for f in flows))
+        return view
+
     def _check_control_channel(self, view: HostView) -> None:
         """Raises ControlLockout if view would cut this agent off from a
         controller (unless --allow-control-lockout: then it only warns)."""
-        crosses = enforced_route(self.opts.interfaces, self.opts.netns)
-        flows, problems = control_flows(self.opts.controllers, crosses)
-        for p in problems:
-            log.warning("control channel not checked for %s", p)
+        flows = self._control_flows("not checked")
         lockout = check_control_channel(view, flows)
         if lockout is None:
             return

@@ -31,7 +31,8 @@ import time
 from loader import abi
 
 RESERVED_LABELS = {abi.ReservedIdentity.HOST: {"reserved": "host"},
-                   abi.ReservedIdentity.WORLD: {"reserved": "world"}}
+                   abi.ReservedIdentity.WORLD: {"reserved": "world"},
+                   abi.ReservedIdentity.CONTROLLER: {"reserved": "controller"}}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 PROTOCOL_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
 VERDICTS = {abi.Verdict.ALLOW: "allow", abi.Verdict.AUDIT: "audit", abi.Verdict.DENY: "deny"}

@@ -30,6 +30,7 @@ class ReservedIdentity(enum.IntEnum):
     ANY = 0
     HOST = 1
     WORLD = 2
+    CONTROLLER = 3      # a controller's address in an agent's bootstrap state (dataplane/fleet_agent.py)
     FIRST_ALLOCATED = 256
 
 

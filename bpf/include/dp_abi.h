@@ -20,6 +20,7 @@ enum dp_reserved_identity {
 	DP_ID_ANY = 0,		/* wildcard in policy keys; never the identity of an address */
 	DP_ID_HOST = 1,		/* the host's own addresses */
 	DP_ID_WORLD = 2,	/* any address the ipcache does not know */
+	DP_ID_CONTROLLER = 3,	/* a controller's address, in a fleet agent's bootstrap state */
 	DP_ID_FIRST_ALLOCATED = 256,
 };
 

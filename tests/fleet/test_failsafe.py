@@ -7,23 +7,32 @@ stays connected and applies the next policy that keeps its channel. An
 agent started with --allow-control-lockout applies the same policy and
 loses its controller: its status turns disconnected on both ends.
 
-Each agent's datapath is loaded in audit mode before the agent starts: a
-fresh datapath denies everything, the agent's first connection included."""
+The agents start from freshly loaded datapaths, which deny everything: they
+reach the controller through the bootstrap state they apply before their
+first connection. The hosts are declared only after that connection was
+made (the controller refuses unknown hosts), so the maps are checked while
+they hold the bootstrap state alone, before any state came from the
+controller."""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from dataplane.lab import wait_for
+from loader import abi, tables
 from loader.instance import Datapath
+from loader.model import Model
 from tests import reliability
 from tests.fleet.helpers import (CLI, ROOT, START_TIMEOUT, SYNC_TIMEOUT, Admin, AgentProcess, LoggedProcess,
-                                 datapath_snapshot, instance_name, new_lab, remove_instance)
+                                 datapath_snapshot, flows, instance_name, new_lab, reason_count, remove_instance,
+                                 start_tcp_servers)
 
 CTL_ADDR = "10.233.0.1"
 HOST_ADDRS = {"guarded": "10.233.0.11", "override": "10.233.0.12"}
@@ -32,6 +41,8 @@ OVERRIDE = "override"
 # its controller's (5 s, 3 s): generous bounds, not performance claims.
 CUT_OFF_TIMEOUT = 90.0
 REFUSED = "refused: it would cut this agent off from controller"
+BOOTSTRAPPED = "no state in the datapath yet: bootstrap state applied, allowing only"
+PEERS_PORT = 9000
 
 INVENTORY = f"""\
 apiVersion: zt-dataplane/v1
@@ -42,7 +53,7 @@ hosts:
 """
 
 
-def policy(port: int, allow_control: bool = True, block_control: bool = False, peers_port: int = 9000) -> str:
+def policy(port: int, allow_control: bool = True, block_control: bool = False, peers_port: int = PEERS_PORT) -> str:
     """Hosts reach each other on peers_port; the agents their controller when allow_control;
     block_control denies it whatever allows it."""
     text = f"""\
@@ -103,12 +114,29 @@ class NsAgent(AgentProcess):
         self.argv = in_netns(netns, [*self.argv, *extra])
 
 
-def seed_audit(instance: str) -> None:
-    """Loads the instance with an empty state in audit mode: everything passes until the first apply."""
-    dp = Datapath(instance)
+@dataclasses.dataclass
+class Bootstrap:
+    """What one agent's datapath held after its first connection, before any state came from the controller."""
+
+    line: str                   # the agent's log line saying it applied the bootstrap state
+    live: dict                  # the live generation: network -> identity, policy entries, audit mode
+    other_generation: dict
+    model: Model
+    rule_id: int                # the bootstrap rule: the datapath's last rule counter
+
+
+def generation(dp, gen: int) -> dict:
+    policy, layout = tables.read_policy(dp, gen)
+    return {"ipcache": tables.read_ipcache(dp, gen), "policy": policy, "ranges": layout["sets"],
+            "audit": tables.live_audit_default(dp) if gen == tables.active_generation(dp) else None}
+
+
+def read_bootstrap(instance: str, line: str) -> Bootstrap:
+    dp = Datapath(instance).adopt()
     try:
-        dp.load()
-        dp.set_config(audit_default=True)
+        live = tables.active_generation(dp)
+        return Bootstrap(line, generation(dp, live), generation(dp, 1 - live), Model.from_datapath(dp),
+                         dp.rules.max_entries - 1)
     finally:
         dp.close()
 
@@ -120,6 +148,8 @@ class Setup:
     port: int
     agents: dict
     workdir: Path
+    bootstrap: dict = dataclasses.field(default_factory=dict)     # host -> Bootstrap
+    denied_before_first_state: int = 0    # default-deny drops the probes below caused on guarded
     pushes: int = 0
 
     def push(self, text: str) -> int:
@@ -150,23 +180,41 @@ def setup(registry, workdir):
         assert line, f"controller did not start: {controller.describe()}"
         port = int(re.search(r"listening on \S+:(\d+) ", line).group(1))
         admin = NsAdmin(f"{CTL_ADDR}:{port}", pki, netns=ctl_ns)
-        (workdir / "failsafe-inventory.yaml").write_text(INVENTORY)
-        admin.ok("inventory", "push", workdir / "failsafe-inventory.yaml")
         s = Setup(admin, controller, port, agents, workdir)
-        s.push(policy(port))
+        start_tcp_servers(lab, ctl_ns, CTL_ADDR, [PEERS_PORT])
 
+        # Fresh datapaths, hosts not yet declared: the agents bootstrap, connect, and are turned away.
+        namespaces = {}
         for host, addr in HOST_ADDRS.items():
-            ns = lab.ns(host[:4])
+            ns = namespaces[host] = lab.ns(host[:4])
             ifname = lab.plug(fabric, ns, [f"{addr}/24"])
+            start_tcp_servers(lab, ns, addr, [PEERS_PORT])
             instance = instance_name(f"fs{host[:4]}")
             registry.instances.add(instance)
-            seed_audit(instance)
+            remove_instance(instance)
             agents[host] = NsAgent(registry, workdir, host, f"{CTL_ADDR}:{port}", pki, ifname, ns, instance,
                                    extra=["--allow-control-lockout"] if host == OVERRIDE else [])
             agents[host].start()
-        for agent in agents.values():
+        for host, agent in agents.items():
             agent.wait_started(START_TIMEOUT)
+            turned_away = agent.proc.wait_line(lambda l: "NOT_FOUND" in l and "unknown host" in l, SYNC_TIMEOUT)
+            assert turned_away, f"agent {host} never reached its controller: {agent.proc.describe()}"
+            line = next((l for l in agent.proc.lines() if BOOTSTRAPPED in l), "")
+            s.bootstrap[host] = read_bootstrap(agent.instance, line)
+        # Other traffic from the host: to the controller's address on another port, and to the other host.
+        guarded = agents["guarded"].instance
+        dropped = reason_count(guarded, abi.Reason.DROP_POLICY_DEFAULT)
+        flows(lab, [(namespaces["guarded"], HOST_ADDRS["guarded"], CTL_ADDR, PEERS_PORT, False),
+                    (namespaces["guarded"], HOST_ADDRS["guarded"], HOST_ADDRS[OVERRIDE], PEERS_PORT, False)])
+        s.denied_before_first_state = reason_count(guarded, abi.Reason.DROP_POLICY_DEFAULT) - dropped
+
+        # The first state: the policy, then the hosts (an empty state first would cut off the override agent).
+        s.push(policy(port))
+        (workdir / "failsafe-inventory.yaml").write_text(INVENTORY)
+        admin.ok("inventory", "push", workdir / "failsafe-inventory.yaml")
         admin.wait_in_sync(HOST_ADDRS)
+        # The same probe between the hosts now passes: the drop above was the bootstrap state's.
+        flows(lab, [(namespaces["guarded"], HOST_ADDRS["guarded"], HOST_ADDRS[OVERRIDE], PEERS_PORT, True)])
         yield s
     finally:
         for agent in agents.values():
@@ -177,6 +225,33 @@ def setup(registry, workdir):
         if controller is not None:
             controller.stop()
         lab.close()
+
+
+def test_fresh_datapath_reaches_its_controller_through_the_bootstrap_state(setup):
+    port = setup.port
+    for host, addr in HOST_ADDRS.items():
+        boot = setup.bootstrap[host]
+        assert f"{addr} -> {CTL_ADDR}:{port}/tcp" in boot.line, (host, boot.line)
+        wanted = {"ipcache": {ipaddress.ip_network(f"{addr}/32"): (abi.ReservedIdentity.HOST, 0),
+                              ipaddress.ip_network(f"{CTL_ADDR}/32"): (abi.ReservedIdentity.CONTROLLER, 0)},
+                  "policy": {(abi.ReservedIdentity.HOST, abi.ReservedIdentity.CONTROLLER, port, socket.IPPROTO_TCP,
+                              abi.Direction.EGRESS): (abi.Verdict.ALLOW, boot.rule_id)},
+                  "ranges": {}}
+        assert boot.live == {**wanted, "audit": False}, host
+        assert boot.other_generation == {**wanted, "audit": None}, host
+        model = boot.model
+        assert (model.policy, model.range_sets, model.audit_default) == (wanted["policy"], {}, False)
+        tcp = socket.IPPROTO_TCP
+        assert model.judge(addr, CTL_ADDR, tcp, port, abi.Direction.EGRESS).verdict == abi.Verdict.ALLOW
+        for other in [(addr, CTL_ADDR, tcp, PEERS_PORT, abi.Direction.EGRESS),
+                      (addr, CTL_ADDR, socket.IPPROTO_UDP, port, abi.Direction.EGRESS),
+                      (CTL_ADDR, addr, tcp, port, abi.Direction.INGRESS)]:
+            assert model.judge(*other).reason == abi.Reason.DROP_POLICY_DEFAULT, (host, other)
+    assert setup.denied_before_first_state >= 2, "the guarded host's other traffic was not dropped by default"
+    # The bootstrap state was replaced by the controller's first state, as any state is.
+    live = datapath_snapshot(setup.agents["guarded"].instance)
+    assert all(ident != abi.ReservedIdentity.CONTROLLER for _, (ident, _) in live["ipcache"]), live
+    assert not any(setup.agents[h].proc.count(REFUSED) for h in HOST_ADDRS)
 
 
 def refusal_line(agent: AgentProcess, revision: int, mark: int) -> str | None:
