@@ -101,6 +101,7 @@ def _construct(node, path: tuple, b: _Build, at: int = 0):
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SourceError([f"{b.name}:{key_node.start_mark.line + 1}: keys must be plain names"])
             key = key_node.value
+            _check_text(key, b.name, key_node)
             if key in out:
                 raise SourceError([f"{b.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}"])
             out[key] = _construct(value_node, path + (key,), b, key_node.start_mark.line + 1)
@@ -114,6 +115,16 @@ def _construct(node, path: tuple, b: _Build, at: int = 0):
     return _scalar(node, b.name)
 
 
+def _check_text(value: str, name: str, node) -> None:
+    """A lone surrogate (only a "\\ud800" escape can make one) is no text:
+    nothing could print, log or send it. Refused where it is written."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SourceError([f"{name}:{node.start_mark.line + 1}: not valid Unicode text: a lone surrogate "
+                           f"(\\u{ord(value[e.start]):04x}) at character {e.start + 1}"]) from None
+
+
 def _scalar(node: yaml.ScalarNode, name: str = "<input>"):
     """The scalar's value, typed as YAML resolves it, with two YAML 1.1
     surprises turned off: base-60 numbers ("22:10" stays a string) and
@@ -121,6 +132,7 @@ def _scalar(node: yaml.ScalarNode, name: str = "<input>"):
     more than MAX_INT_DIGITS digits are refused: no field wants one, and
     Python cannot print one of more than 4300."""
     tag, value = node.tag, node.value
+    _check_text(value, name, node)
     if tag == "tag:yaml.org,2002:null":
         return None
     if tag == "tag:yaml.org,2002:bool":

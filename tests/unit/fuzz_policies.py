@@ -663,6 +663,12 @@ def check_state(state) -> str | None:
     if state.next_change is not None and state.next_change.utcoffset() != dt.timedelta(0):
         return f"next_change {state.next_change} is not UTC"
     json.loads(state.to_json_text())
+    # Everything the CLI, the logs and the wire may print must be text.
+    try:
+        json.dumps({"labels": state.labels, "rules": state.rule_ids}, ensure_ascii=False,
+                   default=str).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a label or rule name cannot be printed: {e}"
     return None
 
 

@@ -338,3 +338,26 @@ def test_fleet_host_views_clamp_the_same_way():
     state = compile_state(one_rule(), inventory(f"  - {{user: u, address: 10.0.0.9, expires: '{end}'}}\n"))
     view = HostView.of(state, 1)
     assert view.loader_ipcache(wall_now=fz.NOW, mono_now=MONO)[ipaddress.ip_network("10.0.0.9/32")][1] == EXPIRES_MAX
+
+
+# --- lone surrogates ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["value", "key"])
+def test_a_lone_surrogate_is_a_located_error(where):
+    """A "\\ud800" escape makes a string no output can encode: once it reached
+    `policy explain` through a label value and ended in a traceback."""
+    if where == "value":
+        text = inventory().replace("app: web", 'app: "we\\ud800b"')
+        line = next(i for i, l in enumerate(text.splitlines(), 1) if "ud800" in l)
+        got = problems(text, parse_inventory, I)
+    else:
+        text = one_rule(extra='    "x\\udc00": 1\n')
+        line = 9
+        got = problems(text)
+    assert got == [f"{I if where == 'value' else P}:{line}: not valid Unicode text: a lone surrogate "
+                   f"(\\u{'d800' if where == 'value' else 'dc00'}) at character {3 if where == 'value' else 2}"]
+
+
+def test_escaped_non_ascii_text_still_loads():
+    data, _ = loads('name: "caf\\u00e9 \\U0001F600"\n', P)
+    assert data == {"name": "café \U0001F600"}
