@@ -195,6 +195,12 @@ class Agent:
         self._seen = fp
         try:
             policy, inventory = load_sources(self.opts.policy, self.opts.inventory)
+            if self._fingerprint() != fp:
+                # A file changed while they were read: the two may not belong together
+                # (a new policy with the old inventory). Read both again at the next poll.
+                self._seen = None
+                log.info("policy or inventory changed while being read; reading them again")
+                return False
             _, state = compile_for(policy, inventory, self.host, self.ws)
             for w in state.warnings:
                 log.warning("%s", w)
