@@ -167,8 +167,9 @@ class Contents:
 
     def flows(self, epoch: int) -> list[tuple[bytes, bytes]]:
         """conntrack: one admitted flow per source, source:SPORT -> local:DPORT_ALLOWED, TCP,
-        judged ingress at the current epoch, last seen now (CLOCK_MONOTONIC_COARSE,
-        the clock of bpf_ktime_get_coarse_ns)."""
+        judged ingress at the current epoch, answered (so the TCP timeout, not the
+        opening one, applies), last seen now (CLOCK_MONOTONIC_COARSE, the clock of
+        bpf_ktime_get_coarse_ns)."""
         def build():
             key0, src_is_a = ct_key(source(0), SPORT, LOCAL_ADDR, DPORT_ALLOWED, socket.IPPROTO_TCP)
             _, last_is_a = ct_key(source(self.n - 1), SPORT, LOCAL_ADDR, DPORT_ALLOWED, socket.IPPROTO_TCP)
@@ -178,7 +179,7 @@ class Contents:
             koff = (abi.CtKey.addr_a if src_is_a else abi.CtKey.addr_b).offset
             tv = bytes(abi.CtVal(last_seen_ns=time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE), epoch=epoch,
                                  rule_id=0, local_id=LOCAL_ID, remote_id=0, verdict=abi.Verdict.ALLOW,
-                                 flags=abi.CT_INIT_IS_A if src_is_a else 0))
+                                 flags=abi.CT_SEEN_REPLY | (abi.CT_INIT_IS_A if src_is_a else 0)))
             roff, ioff = abi.CtVal.rule_id.offset, abi.CtVal.remote_id.offset
             out = []
             for i in range(self.n):
