@@ -34,6 +34,11 @@ What it states:
   error about a tracked flow is related; about an untracked one it is judged
   as the quoted packet in the opposite direction. New flows are judged by
   the policy model and enter conntrack only when they pass.
+- Epochs: a new state (set_policy) makes every tracked flow stale. Its next
+  packet is judged again as the flow's first packet was (same addresses,
+  service port and direction): still allowed, it passes as re-judged (an
+  ICMP error as related) and the flow is current again; now denied, the
+  entry is deleted and the packet dropped as revoked.
 Timeouts are not modelled: callers clear both tables more often than any
 timeout can fire. The fuzzer found two datapath bugs against these semantics,
 both fixed: a quoted ICMP echo of the other IP version gave its identifier as
@@ -286,6 +291,8 @@ def _ipv6(b: bytes, off: int, p: Parsed) -> R | None:
 @dataclasses.dataclass(slots=True)
 class _Flow:
     initiator_is_a: bool
+    epoch: int
+    first: tuple                # (src, dst, dport, direction) of the packet that admitted it
     closing: bool = False
 
 
@@ -294,10 +301,17 @@ class RefModel:
     one parsed frame at one hook."""
 
     def __init__(self, policy: Model):
+        self.epoch = 0
+        self.set_policy(policy)
+        self.reset()
+
+    def set_policy(self, policy: Model) -> None:
+        """A new state goes live and the epoch moves: every tracked flow is
+        judged again at its next packet, as its first packet was."""
         self.policy = policy
         self._identity: dict[bytes, int] = {}
         self._decisions: dict[tuple, R] = {}
-        self.reset()
+        self.epoch += 1
 
     def reset(self) -> None:
         self.ct: dict[tuple, _Flow] = {}
@@ -344,10 +358,20 @@ class RefModel:
         if flow and p.echo and from_initiator != (p.echo == ECHO_REQ):
             flow = None                          # not this exchange's direction: a flow of its own
         if flow:
+            rejudged = flow.epoch != self.epoch
+            if rejudged:
+                # Judged again as its first packet was, in its own direction.
+                src0, dst0, dport0, dir0 = flow.first
+                if self.decide(src0, dst0, p.proto, dport0, dir0).is_drop:
+                    del self.ct[key]
+                    return R.DROP_REVOKED
+                flow.epoch = self.epoch
             if p.icmp_error:
                 return R.PASS_RELATED
             if p.proto == TCP and p.tcp_flags & (TCP_FIN | TCP_RST):
                 flow.closing = True
+            if rejudged:
+                return R.PASS_REJUDGED
             return R.PASS_ESTABLISHED if from_initiator else R.PASS_REPLY
         if p.icmp_error:
             # The quoted packet travelled the other way.
@@ -355,5 +379,5 @@ class RefModel:
             return R.DROP_ICMP_UNRELATED if reason.is_drop else R.PASS_RELATED
         reason = self.decide(p.saddr, p.daddr, p.proto, p.dport, direction)
         if not reason.is_drop:
-            self.ct[key] = _Flow(src_is_a)
+            self.ct[key] = _Flow(src_is_a, self.epoch, (p.saddr, p.daddr, p.dport, direction))
         return reason

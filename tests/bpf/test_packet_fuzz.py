@@ -14,6 +14,9 @@ conntrack and fragment tables being shared) and through the reference model:
    as the model's reasons say, and only defined reasons moved;
  - BPF_PROG_TEST_RUN refuses exactly the frames refused_by_test_run names;
  - the draw reaches every branch listed in MIN_REASONS.
+In half the batches a changed state goes live part-way through
+(tables.apply_state: idle generation, flip, epoch bump), so established
+flows are judged again, and kept or revoked, as refmodel says.
 On a disagreement the batch is replayed from clean tables one run at a time
 to name the first frame that differs. It found two datapath bugs in ICMP
 errors, both fixed (see refmodel). DATAPLANE_FUZZ_SEED picks the draw,
@@ -24,6 +27,7 @@ DATAPLANE_FUZZ_CASE=BATCH:INDEX replays one batch up to one frame, tracing it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import os
 import random
@@ -45,6 +49,7 @@ FRAMES = reliability.size("DATAPLANE_FUZZ_PACKETS", 300_000)   # ~25-35 s here; 
 CASE = os.environ.get("DATAPLANE_FUZZ_CASE", "")
 BATCH = 2000                 # frames per batch: tables cleared, counters compared
 BATCHES_PER_WORLD = 5        # a new ipcache and policy after this many batches
+SWITCH_SHARE = 0.5           # batches in which a new state goes live part-way (epoch bump)
 GRE, SCTP = 47, 132
 ICMP_OF = refmodel.ICMP_OF
 ECHO_REQUEST, ECHO_REPLY = refmodel.ECHO_REQUEST, refmodel.ECHO_REPLY
@@ -64,6 +69,7 @@ MIN_REASONS = {
     R.DROP_IPV6_LENGTH: 200, R.DROP_IPV6_EXT_LIMIT: 100, R.DROP_IPV6_EXT_TRUNCATED: 200,
     R.DROP_L4_TRUNCATED: 500, R.DROP_TCP_DOFF: 200, R.DROP_FRAG_NO_FIRST: 200, R.DROP_FRAG_DENIED: 100,
     R.DROP_ICMP_UNRELATED: 200, R.DROP_ICMP_TRUNCATED: 200,
+    R.PASS_REJUDGED: 40, R.DROP_REVOKED: 10,
 }
 
 
@@ -173,8 +179,25 @@ class World:
         for family in (4, 6):
             for h in self.hosts[family]:
                 self.by_identity[(family, model.identity_of(ipaddress.ip_address(h)))].append(h)
+        self.ids = ids
         self.entries = self._entries(ids)
         self.audit_default = rng.random() < 0.2
+
+    def changed(self) -> tuple[list, bool]:
+        """Another state over the same ipcache: some rules gone, some actions
+        changed, some new rules; now and then the default flips."""
+        rng, out = self.rng, []
+        for e in self.entries:
+            if rng.random() < 0.25:
+                continue
+            if rng.random() < 0.2:
+                e = dataclasses.replace(e, action=rng.choice((abi.Verdict.ALLOW, abi.Verdict.AUDIT, abi.Verdict.DENY)))
+            out.append(e)
+        added = [dataclasses.replace(e, rule_id=e.rule_id + 1000) for e in self._entries(self.ids)[:rng.randint(0, 20)]]
+        keys = {(e.local_id, e.remote_id, e.direction, e.proto) for e in out}
+        out += [e for e in added if (e.local_id, e.remote_id, e.direction, e.proto) not in keys]
+        audit = (not self.audit_default) if rng.random() < 0.2 else self.audit_default
+        return out, audit
 
     def _entries(self, ids) -> list[tables.PolicyEntry]:
         rng, out, ranges = self.rng, [], collections.Counter()
@@ -546,6 +569,7 @@ class Run:
         self.reasons = collections.Counter()
         self.frames = self.runs = self.refused = 0
         self.false_pass = self.false_drop = 0
+        self.switches = 0
         self.fds = dict(dp.prog_fds)
 
     def new_world(self) -> None:
@@ -558,9 +582,27 @@ class Run:
         assert (live.policy, live.range_sets, live.audit_default) == (ref.policy, ref.range_sets, ref.audit_default)
         self.model = refmodel.RefModel(ref)
 
-    def draw(self, n: int) -> list[tuple[bytes, tuple]]:
+    def draw(self, n: int) -> list[tuple]:
+        """A batch: the state it starts from, then n frames each with its hook
+        order; in half the batches a new state goes live (epoch bump) at a
+        random point, as a (None, state) item."""
+        w = self.gen.world
+        items: list[tuple] = [(None, (w.entries, w.audit_default))]
         frames = self.gen.frames(n)
-        return [(f, tuple(self.rng.sample(HOOKS, 3))) for f in frames]
+        items += [(f, tuple(self.rng.sample(HOOKS, 3))) for f in frames]
+        if self.rng.random() < SWITCH_SHARE:
+            w.entries, w.audit_default = w.changed()
+            items.insert(self.rng.randint(2, len(items)), (None, (w.entries, w.audit_default)))
+        return items
+
+    def go_live(self, state) -> None:
+        """Applies a state the way the agent does (idle generation, flip,
+        epoch bump) and tells the model."""
+        entries, audit = state
+        w = self.gen.world
+        tables.apply_state(self.dp, w.identities, entries, audit_default=audit)
+        self.model.set_policy(Model.from_entries(w.identities, entries, audit_default=audit))
+        self.switches += 1
 
     def clear(self) -> None:
         self.dp.maps["ct"].clear()
@@ -585,6 +627,9 @@ class Run:
         want = collections.Counter()
         wrong = []
         for i, (frame, order) in enumerate(items):
+            if frame is None:
+                self.go_live(order)
+                continue
             parsed = refmodel.parse(frame)
             for hook in order:
                 kernel, reason = self.one(hook, frame, parsed)
@@ -601,7 +646,7 @@ class Run:
                         self.false_drop += 1
                     wrong.append(f"frame {i} at {hook}: kernel {'passes' if kernel else 'drops'}, "
                                  f"model {reason.name}")
-        self.frames += len(items)
+        self.frames += sum(1 for frame, _ in items if frame is not None)
         delta = {}
         for reason, (pk, by) in self.dp.reason_counters().items():
             b = before.get(reason, (0, 0))
@@ -622,6 +667,9 @@ class Run:
         kernel counted; returns the index and a description of the first difference."""
         self.clear()
         for i, (frame, order) in enumerate(items[:None if upto is None else upto + 1]):
+            if frame is None:
+                self.go_live(order)
+                continue
             parsed = refmodel.parse(frame)
             for hook in order:
                 before = self.dp.reason_counters()
@@ -667,6 +715,7 @@ def test_packet_fuzz(dp):
 
     reliability.record("packet_fuzz", {
         "frames": run.frames, "runs": run.runs, "refused_by_test_run": run.refused,
+        "states_applied_mid_batch": run.switches,
         "reasons": {r.name: n for r, n in sorted(run.reasons.items())},
         "mismatches": 0, "false_passes": run.false_pass, "false_drops": run.false_drop, "seed": SEED,
         "duration_s": round(duration, 1), "frames_per_s": round(run.frames / duration),
