@@ -600,8 +600,9 @@ class FleetAgent:
                     log.warning("controller %s: %s; enforcing the last state", address, self.last_error)
             except DataplaneError as e:
                 self.last_error = str(e)
+                # A delta that did not fit: the next stream starts with the digest of
+                # what the maps hold, and the controller answers in_sync or a snapshot.
                 log.warning("%s", e)
-                self.view = None if "resynchronising" in str(e) else self.view
             if self.connected_once:
                 backoff = BACKOFF_FIRST       # it was connected: the next outage starts from scratch
             i += 1
