@@ -30,6 +30,9 @@ HEADLINE = (
     ("program runs (BPF_PROG_TEST_RUN)", ("packet_fuzz",), "runs"),
     ("runs where the kernel passed what the model denies", ("packet_fuzz",), "false_passes"),
     ("runs where the kernel dropped what the model passes", ("packet_fuzz",), "false_drops"),
+    ("states applied part-way through a fuzz batch (epoch bumps)", ("packet_fuzz",), "states_applied_mid_batch"),
+    ("established flows judged again and kept / revoked, as the model says", ("packet_fuzz",), "rejudged_kept"),
+    ("", ("packet_fuzz",), "revoked"),
     ("policy documents tried", ("policy_fuzz",), "documents"),
     ("policy documents ending in a traceback", ("policy_fuzz",), "tracebacks"),
     ("refused documents applied to real maps (located + capacity)", ("policy_fuzz_apply",), "located_errors"),
@@ -77,16 +80,23 @@ def render(records: dict[str, dict], info: dict) -> str:
     lines = [f"Run of {info['date']}, commit {(info.get('git') or {}).get('commit', '?')[:12]}, "
              f"{info.get('cpu_model')}, {info.get('vcpus')} vCPUs, kernel {info.get('kernel')}.", "",
              "| what | figure |", "|---|---:|"]
-    # A row with an empty label adds its figure to the row above it.
+    # A row with an empty label continues the row above it: its figure is added
+    # to it, or shown beside it where the label reads "a / b".
     rows: list[list] = []
     for label, names, key in HEADLINE:
         values = [records[n]["figures"][key] for n in names if n in records and key in records[n]["figures"]]
         if label or not rows:
-            rows.append([label, values])
+            rows.append([label, [values]])
         else:
-            rows[-1][1] = rows[-1][1] + values
-    for label, values in rows:
-        lines.append(f"| {label} | {_fmt(sum(values)) if values else 'not recorded'} |")
+            rows[-1][1].append(values)
+    for label, parts in rows:
+        if any(not values for values in parts):
+            text = "not recorded"
+        elif " / " in label:
+            text = " / ".join(_fmt(sum(values)) for values in parts)
+        else:
+            text = _fmt(sum(sum(values) for values in parts))
+        lines.append(f"| {label} | {text} |")
     for name, doc in sorted(records.items()):
         lines += ["", f"**{name}**", "", "| figure | value |", "|---|---|"]
         for key, value in sorted(doc["figures"].items()):

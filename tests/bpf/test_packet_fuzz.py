@@ -602,7 +602,6 @@ class Run:
         w = self.gen.world
         tables.apply_state(self.dp, w.identities, entries, audit_default=audit)
         self.model.set_policy(Model.from_entries(w.identities, entries, audit_default=audit))
-        self.switches += 1
 
     def clear(self) -> None:
         self.dp.maps["ct"].clear()
@@ -629,6 +628,7 @@ class Run:
         for i, (frame, order) in enumerate(items):
             if frame is None:
                 self.go_live(order)
+                self.switches += i > 0
                 continue
             parsed = refmodel.parse(frame)
             for hook in order:
@@ -715,7 +715,8 @@ def test_packet_fuzz(dp):
 
     reliability.record("packet_fuzz", {
         "frames": run.frames, "runs": run.runs, "refused_by_test_run": run.refused,
-        "states_applied_mid_batch": run.switches,
+        "states_applied_mid_batch": run.switches, "rejudged_kept": run.reasons[R.PASS_REJUDGED],
+        "revoked": run.reasons[R.DROP_REVOKED],
         "reasons": {r.name: n for r, n in sorted(run.reasons.items())},
         "mismatches": 0, "false_passes": run.false_pass, "false_drops": run.false_drop, "seed": SEED,
         "duration_s": round(duration, 1), "frames_per_s": round(run.frames / duration),
