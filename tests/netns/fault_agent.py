@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dataplane.lab import Lab, wait_for
 from loader import tables
-from tests.netns.helpers import CLI, ROOT
+from tests.netns.helpers import CLI, ROOT, kill_group
 
 APPLIED = "INFO: applied:"
 AGENT_START_TIMEOUT = 300.0      # the first start compiles the programs
@@ -109,15 +109,7 @@ class AgentProcess:
         return self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.proc, timeout=30)
 
 
 # --- watching an apply ---------------------------------------------------------------------------

@@ -37,22 +37,13 @@ import sys
 import threading
 import time
 
+# Run as a script beside swap_traffic.py (its directory is on sys.path): the
+# stdin/stdout protocol and the socket constants are that tool's.
+from swap_traffic import (FRESH_BASE, FRESH_SPAN, SO_RCVBUFFORCE, TCP_INFO_TOTAL_RETRANS,
+                          _endpoint, emit, wait_for_stop)
+
 DATAGRAM = struct.Struct("!II")           # flow index, sequence number
 RECORD_LEN = 10                           # b"m%08d\n"
-TCP_INFO_TOTAL_RETRANS = 100              # offset of tcpi_total_retrans in struct tcp_info
-FRESH_BASE, FRESH_SPAN = 10000, 20000     # below the ephemeral range the other sockets draw from
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-
-
-def emit(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def wait_for_stop() -> None:
-    for line in sys.stdin:
-        if line.strip() == "stop":
-            return
 
 
 def _readline(conn: socket.socket, limit: int = 64) -> bytes:
@@ -159,11 +150,6 @@ def receive(args) -> int:
 
 
 # --- sender -------------------------------------------------------------------------
-
-def _endpoint(text: str) -> tuple[str, str, int]:
-    src, dst, port = text.split(":")[:3]
-    return src, dst, int(port)
-
 
 class Paced:
     """Calls step() `rate` times a second in small bursts until stopped."""

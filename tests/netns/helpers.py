@@ -95,6 +95,19 @@ def make_topology(lab: Lab) -> Topology:
 
 # --- processes in namespaces -------------------------------------------------------
 
+def kill_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGKILL to a process started with start_new_session, and its children; waits for it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class Follower:
     """Collects a process's stdout lines as they come (a thread per stream)."""
 
@@ -150,15 +163,7 @@ class Follower:
                 self._cond.wait(left)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.proc)
 
     def describe(self) -> str:
         return f"exit {self.proc.poll()}; stdout tail {self.lines()[-5:]}; stderr {self.stderr()[-2000:]!r}"
